@@ -1,0 +1,157 @@
+// Shared declarations and argument checks for the mod_ext routing ops.
+//
+// Shapes follow one convention everywhere (see MOD_SPEC.md):
+//   x             (B, S, D)  hidden states
+//   router_logits (B, S)     router logits / predictor scores
+//   indices       (B, C)     int64 token positions of the C = capacity slots
+//   slot_mask     (B, C)     bool, True for a routed token, False for padding
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace mod_ext {
+
+// ---------------------------------------------------------------------------
+// Argument checks. Every message names the argument and the expected shape.
+// ---------------------------------------------------------------------------
+constexpr int64_t kMaxSeqLen = (int64_t(1) << 30);
+
+#define MOD_CHECK(cond, ...) TORCH_CHECK(cond, "mod_ext: ", __VA_ARGS__)
+
+inline void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* shape) {
+  MOD_CHECK(t.dim() == rank, name, " must have shape ", shape, " (", rank,
+            " dims), got ", t.sizes());
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  MOD_CHECK(at::isFloatingType(t.scalar_type()), name,
+            " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
+                              const char* bn) {
+  MOD_CHECK(a.device() == b.device(), an, " and ", bn,
+            " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// Checks for the two routing ops; returns nothing, throws on bad input.
+inline void check_route_args(const char* op, const at::Tensor& logits, const char* logits_name,
+                             int64_t capacity, const c10::optional<at::Tensor>& valid) {
+  check_rank(logits, logits_name, 2, "(B, S)");
+  auto st = logits.scalar_type();
+  MOD_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", logits_name,
+            " must be float32, bfloat16 or float16, got ", st);
+  const int64_t S = logits.size(1);
+  MOD_CHECK(S < kMaxSeqLen, op, ": sequences longer than 2^30 tokens are not supported, got S = ", S);
+  MOD_CHECK(capacity >= 1 && capacity <= S, op, ": capacity must satisfy 1 <= capacity <= S = ",
+            S, " (", logits_name, " has shape ", logits.sizes(), "), got ", capacity);
+  if (valid.has_value()) {
+    const auto& v = *valid;
+    MOD_CHECK(v.scalar_type() == at::kBool, op, ": valid must be a bool tensor of shape (B, S), got ",
+              v.scalar_type());
+    MOD_CHECK(v.sizes() == logits.sizes(), op, ": valid must have shape (B, S) = ", logits.sizes(),
+              ", got ", v.sizes());
+    check_same_device(logits, logits_name, v, "valid");
+  }
+}
+
+inline void check_indices(const char* op, const at::Tensor& indices, int64_t B) {
+  check_rank(indices, "indices", 2, "(B, C)");
+  MOD_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
+            indices.scalar_type());
+  MOD_CHECK(indices.size(0) == B, op, ": indices must have shape (B, C) with B = ", B, ", got ",
+            indices.sizes());
+}
+
+inline void check_gather_args(const at::Tensor& x, const at::Tensor& indices) {
+  check_rank(x, "x", 3, "(B, S, D)");
+  check_float(x, "x");
+  check_indices("gather_tokens", indices, x.size(0));
+  check_same_device(x, "x", indices, "indices");
+}
+
+inline void check_gather_backward_args(const at::Tensor& grad, const at::Tensor& indices,
+                                       int64_t seq_len) {
+  check_rank(grad, "grad_output", 3, "(B, C, D)");
+  check_float(grad, "grad_output");
+  check_indices("gather_tokens_backward", indices, grad.size(0));
+  MOD_CHECK(indices.size(1) == grad.size(1), "gather_tokens_backward: indices must have shape (B, C) = (",
+            grad.size(0), ", ", grad.size(1), "), got ", indices.sizes());
+  MOD_CHECK(seq_len >= 0, "gather_tokens_backward: seq_len must be >= 0, got ", seq_len);
+  check_same_device(grad, "grad_output", indices, "indices");
+}
+
+inline void check_scatter_args(const char* op, const at::Tensor& x, const char* x_name,
+                               const at::Tensor& y, const at::Tensor& indices,
+                               const at::Tensor& weights) {
+  check_rank(x, x_name, 3, "(B, S, D)");
+  check_float(x, x_name);
+  check_rank(y, "y", 3, "(B, C, D)");
+  MOD_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have the same dtype as ", x_name,
+            " (", x.scalar_type(), "), got ", y.scalar_type());
+  const int64_t B = x.size(0), D = x.size(2);
+  MOD_CHECK(y.size(0) == B && y.size(2) == D, op, ": y must have shape (B, C, D) with B = ", B,
+            " and D = ", D, ", got ", y.sizes());
+  const int64_t C = y.size(1);
+  check_indices(op, indices, B);
+  MOD_CHECK(indices.size(1) == C, op, ": indices must have shape (B, C) = (", B, ", ", C,
+            "), got ", indices.sizes());
+  check_rank(weights, "weights", 2, "(B, C)");
+  check_float(weights, "weights");
+  MOD_CHECK(weights.sizes() == indices.sizes(), op, ": weights must have shape (B, C) = (", B,
+            ", ", C, "), got ", weights.sizes());
+  check_same_device(x, x_name, y, "y");
+  check_same_device(x, x_name, indices, "indices");
+  check_same_device(x, x_name, weights, "weights");
+}
+
+// ---------------------------------------------------------------------------
+// Order-preserving keys for the top-k selection, shared by CPU and CUDA.
+//
+// The routing order of MOD_SPEC sections 1-2 is a strict total order on the
+// tokens of a row:  valid numbers (largest first) > valid NaN > invalid tokens,
+// ties to the lower position. We encode it as one unsigned 64-bit key, larger
+// is better, unique per token because the low bits hold the inverted position:
+//   bits 63..62  class: 2 = valid number, 1 = valid NaN, 0 = invalid
+//   bits 61..30  order-preserving encoding of the float32 value (0 unless class 2)
+//   bits 29..0   (2^30 - 1 - position)
+// Sequences are therefore limited to 2^30 tokens, which the checks enforce.
+// ---------------------------------------------------------------------------
+
+#if defined(__CUDACC__)
+#define MOD_HD __host__ __device__ __forceinline__
+#else
+#define MOD_HD inline
+#endif
+
+MOD_HD uint32_t float_order_key(float f) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(f);
+#else
+  std::memcpy(&bits, &f, sizeof(bits));
+#endif
+  if ((bits & 0x7fffffffu) == 0u) bits = 0u;  // -0.0 ties with +0.0
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+MOD_HD uint64_t route_key(float value, bool valid, int64_t position) {
+  uint64_t cls;
+  uint64_t vkey = 0;
+  if (!valid) {
+    cls = 0;
+  } else if (value != value) {  // NaN
+    cls = 1;
+  } else {
+    cls = 2;
+    vkey = float_order_key(value);
+  }
+  return (cls << 62) | (vkey << 30) | (uint64_t)((kMaxSeqLen - 1) - position);
+}
+
+}  // namespace mod_ext

@@ -1,0 +1,37 @@
+"""mod_ext: fast, static-shaped Mixture-of-Depths routing for PyTorch.
+
+Raposo et al. 2024, "Mixture-of-Depths: Dynamically allocating compute in
+transformer-based language models" (arXiv 2404.02258). See README.md.
+"""
+
+from ._version import __version__
+from .ops import cuda_built, gather_tokens, scatter_add_weighted, threshold_route, topk_route
+from .layer import (
+    MoDBlock,
+    MoDOutput,
+    MoDPredictor,
+    RoutingMetrics,
+    capacity_for,
+    mod_block,
+    router_aux_loss,
+    routing_metrics,
+    topk_targets,
+)
+
+__all__ = [
+    "__version__",
+    "cuda_built",
+    "topk_route",
+    "threshold_route",
+    "gather_tokens",
+    "scatter_add_weighted",
+    "capacity_for",
+    "mod_block",
+    "MoDOutput",
+    "router_aux_loss",
+    "topk_targets",
+    "routing_metrics",
+    "RoutingMetrics",
+    "MoDPredictor",
+    "MoDBlock",
+]
