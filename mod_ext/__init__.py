@@ -5,7 +5,7 @@ transformer-based language models" (arXiv 2404.02258). See README.md.
 """
 
 from ._version import __version__
-from .ops import cuda_built, gather_tokens, scatter_add_weighted, threshold_route, topk_route
+from .ops import build_info, cuda_built, gather_tokens, scatter_add_weighted, threshold_route, topk_route
 from .layer import (
     MoDBlock,
     MoDOutput,
@@ -21,6 +21,7 @@ from .layer import (
 __all__ = [
     "__version__",
     "cuda_built",
+    "build_info",
     "topk_route",
     "threshold_route",
     "gather_tokens",

@@ -33,6 +33,7 @@ __all__ = [
     "gather_tokens",
     "scatter_add_weighted",
     "cuda_built",
+    "build_info",
 ]
 
 _ops = torch.ops.mod_ext
@@ -41,6 +42,27 @@ _ops = torch.ops.mod_ext
 def cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("mod_ext::gather_tokens", "CUDA")
+
+
+def build_info() -> dict:
+    """What ``pip install`` built: backend ("cuda" or "cpu"), why, and against which
+    PyTorch and CUDA toolkit. ``cuda_available`` says whether this process can use it."""
+    try:
+        from . import _build_info as b
+
+        info = {
+            "backend": b.BACKEND,
+            "reason": b.REASON,
+            "built_with_torch": b.TORCH_VERSION,
+            "cuda_home": b.CUDA_HOME,
+            "cuda_arch_list": b.CUDA_ARCH_LIST,
+        }
+    except ImportError:
+        info = {"backend": "cuda" if cuda_built() else "cpu", "reason": "unknown (no _build_info.py)"}
+    info["cuda_kernels_registered"] = cuda_built()
+    info["cuda_available"] = torch.cuda.is_available()
+    info["torch"] = torch.__version__
+    return info
 
 
 # --------------------------------------------------------------------------------------
