@@ -249,13 +249,20 @@ at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
     const acc* wp = w.data_ptr<acc>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, grain_for(D), [&](int64_t begin, int64_t end) {
+      // The product w * y is rounded to acc and stored before the add, in a separate
+      // loop: written as one expression `x + w * y`, GCC (whose default in C++ is
+      // -ffp-contract=fast) fuses it into an FMA wherever the target has one (aarch64,
+      // x86 with -march=native), which rounds differently from the reference (product
+      // tensor, then scatter_add) and from the CUDA kernel (__fmul_rn / __fadd_rn).
+      std::vector<acc> prod(static_cast<size_t>(D));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / C;
         const acc wi = wp[i];
         const scalar_t* src = yp + i * D;
         scalar_t* dst = op + (b * S + ip[i]) * D;
+        for (int64_t d = 0; d < D; ++d) prod[d] = wi * static_cast<acc>(src[d]);
         for (int64_t d = 0; d < D; ++d) {
-          dst[d] = static_cast<scalar_t>(static_cast<acc>(dst[d]) + wi * static_cast<acc>(src[d]));
+          dst[d] = static_cast<scalar_t>(static_cast<acc>(dst[d]) + prod[d]);
         }
       }
     });

@@ -318,8 +318,8 @@ class MoDBlock(nn.Module):
         capacity_factor: c (paper: 0.125).
         router_activation: "sigmoid" or "identity".
         causal_router: "predictor" or "router".
-        max_seq_len: sequence length that fixes the causal capacity (default: the
-            input length).
+        max_seq_len: the longest input; it fixes the causal capacity, and causal mode
+            requires it (ValueError otherwise).
         predictor_hidden: predictor MLP width.
         block_returns_residual: see above.
 
@@ -365,8 +365,24 @@ class MoDBlock(nn.Module):
         return f - x_sel if self.block_returns_residual else f
 
     def causal_capacity(self, seq_len: int) -> int:
-        """Slots per row in causal mode for an input of length seq_len."""
-        return min(seq_len, capacity_for(self.max_seq_len or seq_len, self.capacity_factor))
+        """Slots per row in causal mode for an input of length seq_len.
+
+        ``min(seq_len, capacity_for(max_seq_len, capacity_factor))``: fixed by
+        ``max_seq_len``, not by the input length, so a prefix routes exactly as it does
+        inside a longer input (with seq_len <= the fixed capacity the cap cannot bind).
+
+        Raises:
+            ValueError: max_seq_len was not set, or seq_len exceeds it.
+        """
+        if self.max_seq_len is None:
+            raise ValueError(
+                "MoDBlock: causal routing needs max_seq_len (MoDBlock(..., max_seq_len=N)): "
+                "a capacity that followed the input length would let later tokens change "
+                "earlier routing decisions"
+            )
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"MoDBlock: input length {seq_len} exceeds max_seq_len = {self.max_seq_len}")
+        return min(seq_len, capacity_for(self.max_seq_len, self.capacity_factor))
 
     def causal_scores(self, x: Tensor) -> Tensor:
         """(B, S) float32 scores that route causally (> 0 routes)."""
