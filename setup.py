@@ -114,7 +114,10 @@ if use_cuda and cuda_home is None:
     use_cuda, reason = False, "no CUDA toolkit (nvcc + libcudart) was found; set CUDA_HOME"
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+# at::parallel_for only runs in parallel when the extension itself is compiled with
+# OpenMP (ATen/Parallel-inl.h checks _OPENMP); torch's build helpers do not add it.
+cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
+link_flags = ["-fopenmp"]
 
 if use_cuda:
     import torch
@@ -136,12 +139,14 @@ if use_cuda:
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                      "-DMOD_EXT_WITH_CUDA"] + extra_inc,
         },
+        extra_link_args=link_flags,
     )
     _log(f"building the CUDA extension ({reason}; toolkit {cuda_home}; "
          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
 else:
     ext = CppExtension(
-        name="mod_ext._C", sources=sources, extra_compile_args={"cxx": cxx_flags}
+        name="mod_ext._C", sources=sources, extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
     _log(f"building the CPU-only extension ({reason})")
 

@@ -1,0 +1,194 @@
+"""Benchmark each mod_ext op against the plain-PyTorch composite a user would write,
+eager and under torch.compile, in the same run.
+
+    python benchmarks/bench_ops.py --quick                      # CPU, < 1 minute
+    python benchmarks/bench_ops.py --json out/ops_cpu.json      # CPU, default shapes
+    python benchmarks/bench_ops.py --device cuda --json out/ops_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (DTYPES, add_common_args, compiled, env_info, grad_fn, judge, md_table,  # noqa: E402
+                    median_time, mod_ext, print_env, setup, Results)
+from mod_ext.reference import threshold_route_ref  # noqa: E402
+
+# Targets (mod_ext speedup over each baseline; fraction of device-copy bandwidth).
+CPU_SPEEDUP = {"topk_route": 1.5, "gather_tokens": 3.0, "scatter_add_weighted": 1.5}
+GPU_SPEEDUP = {"topk_route": 3.0}
+GPU_COPY_FRACTION = {"gather_tokens": 0.85, "scatter_add_weighted": 0.85}
+
+
+# --------------------------------------------------------------------------------------
+# Plain-PyTorch baselines
+# --------------------------------------------------------------------------------------
+
+
+def topk_base(logits, k):
+    return torch.sort(torch.topk(logits, k, dim=1).indices, dim=1).values
+
+
+def threshold_base(scores, k):
+    return threshold_route_ref(scores, k)[0]
+
+
+def gather_base(x, idx):
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_base(x, y, idx, w):
+    idx_exp = idx[..., None].expand(-1, -1, x.shape[-1])
+    return x.clone().scatter_add_(1, idx_exp, w[..., None].to(y.dtype) * y)
+
+
+# --------------------------------------------------------------------------------------
+# Byte counts (the traffic an ideal kernel needs; e = element size of x)
+# --------------------------------------------------------------------------------------
+
+
+def gather_bytes(B, S, D, k, e, backward):
+    # fwd: read idx (8 B each) and the k routed rows of x, write the (B, k, D) output.
+    fwd = 8 * B * k + 2 * B * k * D * e
+    # bwd: read idx and grad_out (B, k, D), write the whole grad_x (B, S, D) (zeros + rows).
+    bwd = 8 * B * k + B * k * D * e + B * S * D * e
+    return fwd + (bwd if backward else 0)
+
+
+def scatter_bytes(B, S, D, k, e, backward):
+    # fwd: read x (B, S, D), y (B, k, D), w (fp32) and idx; write out (B, S, D).
+    fwd = 2 * B * S * D * e + B * k * D * e + 4 * B * k + 8 * B * k
+    # bwd: grad_x is grad_out itself (no traffic); read idx, w, the k routed rows of
+    # grad_out and y (B, k, D); write grad_y (B, k, D) and grad_w (B, k) fp32.
+    bwd = 8 * B * k + 4 * B * k + 3 * B * k * D * e + 4 * B * k
+    return fwd + (bwd if backward else 0)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def compare(rows, args, op, shape, pas, mod_fn, base_fn, inputs, grad_out=None, nbytes=None):
+    """Time mod_ext against the eager (and compiled) baseline on the same inputs; append rows."""
+    gpu = args.gpu_shapes
+    speedup_target = (GPU_SPEEDUP if gpu else CPU_SPEEDUP).get(op)
+    copy_target = GPU_COPY_FRACTION.get(op) if gpu else None
+
+    def call(fn):
+        return grad_fn(fn, inputs, grad_out) if grad_out is not None else (lambda: fn(*inputs))
+
+    times = {"mod_ext": median_time(call(mod_fn), args.repeats),
+             "torch eager": median_time(call(base_fn), args.repeats)}
+    if args.compile:
+        times["torch compiled"] = median_time(call(compiled(base_fn)), args.repeats)
+    copy_ms = None
+    if nbytes is not None:
+        # Reference: dst.copy_(src) of a tensor with nbytes bytes; it reads and writes
+        # nbytes each, so its bandwidth is 2 * nbytes / time.
+        src = torch.empty(nbytes // inputs[0].element_size(), dtype=inputs[0].dtype, device=args.device)
+        dst = torch.empty_like(src)
+        copy_ms = median_time(lambda: dst.copy_(src), args.repeats) * 1e3
+        del src, dst
+
+    for impl, t in times.items():
+        row = {"op": op, "shape": shape, "pass": pas, "impl": impl, "ms": t * 1e3}
+        if nbytes is not None:
+            row["bytes"] = nbytes
+            row["gbps"] = nbytes / t / 1e9
+            row["copy_frac"] = row["gbps"] / (2 * nbytes / copy_ms / 1e6)
+        if impl == "mod_ext":
+            if copy_target is not None:
+                row["target"] = f">= {copy_target:.0%} of copy"
+                row["status"] = judge(row["copy_frac"], copy_target, True)
+        else:
+            row["speedup"] = t / times["mod_ext"]
+            if speedup_target is not None:
+                row["target"] = f">= {speedup_target}x"
+                row["status"] = judge(row["speedup"], speedup_target, True)
+        rows.add(row)
+    if nbytes is not None:
+        rows.add({"op": op, "shape": shape, "pass": pas, "impl": f"copy_ {nbytes / 2**20:.1f} MiB (ref)",
+                  "ms": copy_ms, "bytes": 2 * nbytes, "gbps": 2 * nbytes / copy_ms / 1e6, "copy_frac": 1.0})
+    for r in rows[-len(times) - (nbytes is not None):]:
+        print(f"  {op:21s} {shape:32s} {pas:8s} {r['impl']:22s} {r['ms']:9.3f} ms", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--batch", type=int, help="B for all ops (default: per-op default shapes)")
+    p.add_argument("--seq", type=int, help="S for all ops")
+    p.add_argument("--dim", type=int, help="D for gather/scatter")
+    p.add_argument("--k", type=int, help="capacity k for all ops")
+    p.add_argument("--ops", default="topk_route,threshold_route,gather_tokens,scatter_add_weighted",
+                   help="comma-separated subset of ops")
+    args = p.parse_args()
+    setup(args)
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    ops = args.ops.split(",")
+    env = env_info(args)
+    print_env(env)
+
+    if args.gpu_shapes:
+        route_shapes, (B, S, D, k) = [(8, 8192, 1024), (64, 4096, 512)], (8, 8192, 4096, 1024)
+    else:
+        route_shapes, (B, S, D, k) = [(16, 4096, 512), (64, 2048, 256)], (8, 1024, 512, 128)
+    if args.batch or args.seq or args.k:
+        b0, s0, k0 = route_shapes[0]
+        route_shapes = [(args.batch or b0, args.seq or s0, args.k or k0)]
+    B, S, D, k = args.batch or B, args.seq or S, args.dim or D, args.k or k
+
+    rows = Results(args.json, env)
+    # Router logits/scores are float32 whatever --dtype is (MOD_SPEC 1.1; mod_block does this).
+    for rb, rs, rk in route_shapes:
+        shape = f"B={rb} S={rs} k={rk} fp32"
+        logits = torch.randn(rb, rs, device=dev)
+        if "topk_route" in ops:
+            assert torch.equal(mod_ext.topk_route(logits, rk)[0], topk_base(logits, rk))
+            compare(rows, args, "topk_route", shape, "fwd", lambda l, c: mod_ext.topk_route(l, c)[0],
+                    topk_base, [logits, rk])
+        if "threshold_route" in ops:
+            assert torch.equal(mod_ext.threshold_route(logits, rk)[0], threshold_base(logits, rk))
+            compare(rows, args, "threshold_route", shape, "fwd", lambda l, c: mod_ext.threshold_route(l, c)[0],
+                    threshold_base, [logits, rk])
+
+    shape = f"B={B} S={S} D={D} k={k} {args.dtype}"
+    x = torch.randn(B, S, D, device=dev, dtype=dt)
+    idx = mod_ext.topk_route(torch.randn(B, S, device=dev), k)[0]  # unique, ascending
+    e = x.element_size()
+    if "gather_tokens" in ops:
+        assert torch.equal(mod_ext.gather_tokens(x, idx), gather_base(x, idx))
+        compare(rows, args, "gather_tokens", shape, "fwd", mod_ext.gather_tokens, gather_base, [x, idx],
+                nbytes=gather_bytes(B, S, D, k, e, False))
+        xg = x.clone().requires_grad_()
+        compare(rows, args, "gather_tokens", shape, "fwd+bwd", lambda x: mod_ext.gather_tokens(x, idx),
+                lambda x: gather_base(x, idx), [xg],
+                grad_out=torch.randn(B, k, D, device=dev, dtype=dt), nbytes=gather_bytes(B, S, D, k, e, True))
+    if "scatter_add_weighted" in ops:
+        y = torch.randn(B, k, D, device=dev, dtype=dt)
+        w = torch.rand(B, k, device=dev)  # router weights are float32
+        # The baseline rounds w * y to x.dtype before adding; mod_ext rounds once (fp32 math).
+        tol = {} if dt == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+        torch.testing.assert_close(mod_ext.scatter_add_weighted(x, y, idx, w), scatter_base(x, y, idx, w), **tol)
+        compare(rows, args, "scatter_add_weighted", shape, "fwd", mod_ext.scatter_add_weighted, scatter_base,
+                [x, y, idx, w], nbytes=scatter_bytes(B, S, D, k, e, False))
+        leaves = [t.clone().requires_grad_() for t in (x, y, w)]
+        compare(rows, args, "scatter_add_weighted", shape, "fwd+bwd",
+                lambda x, y, w: mod_ext.scatter_add_weighted(x, y, idx, w),
+                lambda x, y, w: scatter_base(x, y, idx, w), leaves,
+                grad_out=torch.randn(B, S, D, device=dev, dtype=dt), nbytes=scatter_bytes(B, S, D, k, e, True))
+
+    print()
+    print(md_table(rows, [("op", "op", ""), ("shape", "shape", ""), ("pass", "pass", ""), ("impl", "impl", ""),
+                          ("median ms", "ms", ".3f"), ("mod_ext speedup", "speedup", ".2f"),
+                          ("GB/s", "gbps", ".1f"), ("of copy BW", "copy_frac", ".0%"),
+                          ("target", "target", ""), ("status", "status", "")]))
+    rows.save()
+
+
+if __name__ == "__main__":
+    main()
