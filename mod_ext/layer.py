@@ -40,7 +40,7 @@ class MoDOutput(NamedTuple):
     router_logits: Tensor  #: (B, S) float32 (float64 for float64 x), differentiable
     indices: Tensor  #: (B, C) int64, ascending token positions of the slots
     slot_mask: Tensor  #: (B, C) bool, False for padding slots
-    router_weights: Tensor  #: (B, C) float32, act(router logit); 0 for padding slots
+    router_weights: Tensor  #: (B, C) float32 (float64 for float64 x), act(router logit); 0 for padding slots
 
 
 def capacity_for(seq_len: int, capacity_factor: float) -> int:
@@ -306,7 +306,9 @@ class MoDBlock(nn.Module):
       * ``"topk"`` (training): expert-choice top-k at ``capacity_factor``; after each
         call ``aux_loss`` holds the scalar loss that trains causal routing (the
         predictor's BCE, or the router's auxiliary BCE when ``causal_router="router"``)
-        and ``last_output`` the :class:`MoDOutput`.
+        and ``last_output`` the :class:`MoDOutput`; ``last_scores`` holds the (B, S)
+        causal scores (predictor or router logits) of the same call, for
+        :func:`routing_metrics`.
       * ``"causal"`` (sampling): routes token by token by predictor logit > 0 (or
         router logit > 0), first come first served, at most ``capacity_for(max_seq_len,
         capacity_factor)`` tokens per row (all tokens of shorter inputs may route),
@@ -323,7 +325,10 @@ class MoDBlock(nn.Module):
         predictor_hidden: predictor MLP width.
         block_returns_residual: see above.
 
-    ``forward(x (B, S, D), valid=None, routing=None) -> (B, S, D)``.
+    ``forward(x (B, S, D), valid=None, routing=None, positions=None) -> (B, S, D)``;
+    ``positions`` (B, S) int64 are the tokens' true positions (default ``arange(S)``),
+    for a window that does not start at 0 or left-padded rows: the block then gets
+    ``positions.gather(1, indices)``.
     """
 
     def __init__(
@@ -359,10 +364,15 @@ class MoDBlock(nn.Module):
         self.routing = "topk"
         self.aux_loss: Optional[Tensor] = None
         self.last_output: Optional[MoDOutput] = None
+        self.last_scores: Optional[Tensor] = None
 
-    def _block_fn(self, x_sel: Tensor, positions: Tensor, slot_mask: Tensor) -> Tensor:
-        f = self.block(x_sel, positions, slot_mask)
-        return f - x_sel if self.block_returns_residual else f
+    def _block_fn(self, positions: Optional[Tensor]):
+        def f(x_sel: Tensor, indices: Tensor, slot_mask: Tensor) -> Tensor:
+            pos = indices if positions is None else positions.gather(1, indices)
+            out = self.block(x_sel, pos, slot_mask)
+            return out - x_sel if self.block_returns_residual else out
+
+        return f
 
     def causal_capacity(self, seq_len: int) -> int:
         """Slots per row in causal mode for an input of length seq_len.
@@ -391,27 +401,39 @@ class MoDBlock(nn.Module):
         z = torch.matmul(x.float(), self.router_weight.float()) + self.router_bias.float()
         return z
 
-    def forward(self, x: Tensor, valid: Optional[Tensor] = None, routing: Optional[str] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        valid: Optional[Tensor] = None,
+        routing: Optional[str] = None,
+        positions: Optional[Tensor] = None,
+    ) -> Tensor:
         mode = routing or self.routing
+        if mode not in ("topk", "causal"):
+            raise ValueError(f"MoDBlock: routing must be 'topk' or 'causal', got {mode!r}")
+        if positions is not None and positions.shape != x.shape[:2]:
+            raise ValueError(
+                f"MoDBlock: positions must have shape (B, S) = {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
+            )
+        block_fn = self._block_fn(positions)
+        pred = self.predictor(x) if self.predictor is not None else None  # (B, S), x detached
         if mode == "topk":
             out = mod_block(
-                x, self.router_weight, self._block_fn,
+                x, self.router_weight, block_fn,
                 capacity_factor=self.capacity_factor, router_bias=self.router_bias, valid=valid,
                 router_activation=self.router_activation, routing="topk",
             )
-            if self.predictor is not None:
-                self.aux_loss = self.predictor.loss(x, out.indices, valid)
-            else:
-                self.aux_loss = router_aux_loss(out.router_logits, out.indices, valid)
-        elif mode == "causal":
-            scores = self.predictor(x) if self.predictor is not None else None
-            out = mod_block(
-                x, self.router_weight, self._block_fn,
-                capacity=self.causal_capacity(x.shape[1]), router_bias=self.router_bias, valid=valid,
-                router_activation=self.router_activation, routing="threshold", scores=scores,
-            )
-            self.aux_loss = None
+            # Trains causal routing: the predictor (stop-gradient) or the router itself.
+            scores = pred if pred is not None else out.router_logits
+            self.aux_loss = router_aux_loss(scores, out.indices, valid)
         else:
-            raise ValueError(f"MoDBlock: routing must be 'topk' or 'causal', got {mode!r}")
+            out = mod_block(
+                x, self.router_weight, block_fn,
+                capacity=self.causal_capacity(x.shape[1]), router_bias=self.router_bias, valid=valid,
+                router_activation=self.router_activation, routing="threshold", scores=pred,
+            )
+            scores = pred if pred is not None else out.router_logits
+            self.aux_loss = None
         self.last_output = out
+        self.last_scores = scores.detach()
         return out.output

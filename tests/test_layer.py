@@ -412,7 +412,7 @@ def test_modblock_topk_mode(causal_router, device):
     assert lo.indices.shape == (B, 8)
     # same as the functional layer with the module's router
     exp = mod_block_ref(
-        x, blk.router_weight, blk._block_fn, capacity=8, router_bias=blk.router_bias, valid=valid
+        x, blk.router_weight, blk._block_fn(None), capacity=8, router_bias=blk.router_bias, valid=valid
     )[0]
     assert_close(out, exp, "MoDBlock topk vs reference")
     assert blk.aux_loss is not None and blk.aux_loss.shape == ()
@@ -513,3 +513,30 @@ def test_modblock_causal_needs_max_seq_len():
     with pytest.raises(ValueError, match="max_seq_len"):
         blk(torch.randn(1, 9, 4), routing="causal")
     assert blk.causal_capacity(1) == 1 and blk.causal_capacity(8) == mod_ext.capacity_for(8, 0.125)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modblock_positions_and_last_scores(device):
+    """positions (B, S) reach the block gathered at the routed indices (an offset
+    window, left padding), and last_scores holds the causal scores of the call."""
+    torch.manual_seed(3)
+    B, S, D = 2, 16, 8
+    seen = {}
+
+    class Recorder(nn.Module):
+        def forward(self, xs, positions, slot_mask):
+            seen["positions"] = positions
+            return torch.zeros_like(xs)
+
+    blk = mod_ext.MoDBlock(Recorder(), D, capacity_factor=0.25, max_seq_len=S).to(device)
+    x = torch.randn(B, S, D, device=device)
+    offset = torch.arange(S, device=device).expand(B, S) + torch.tensor([[100], [7]], device=device)
+    for mode in ("topk", "causal"):
+        blk(x, routing=mode, positions=offset)
+        idx = blk.last_output.indices
+        assert torch.equal(seen["positions"], offset.gather(1, idx)), mode
+        assert torch.equal(blk.last_scores, blk.causal_scores(x).detach()), mode
+    blk(x)
+    assert torch.equal(seen["positions"], blk.last_output.indices)
+    with pytest.raises(ValueError, match="positions"):
+        blk(x, positions=offset[:, :-1])

@@ -1,0 +1,387 @@
+"""Train a dense baseline and a Mixture-of-Depths model on Shakespeare, and compare them.
+
+    python -m mod_ext.demo                 # ~3 minutes on 2 CPU cores, fetches the corpus once
+    python -m mod_ext.demo --data my.txt   # any UTF-8 text file (90/10 split)
+    python -m mod_ext.demo --quick         # tiny smoke-test configuration (seconds)
+
+Both models share every setting (data order, seed, optimizer, schedule); the MoD model
+routes 12.5% of the tokens through every other layer (Raposo et al. 2024). By default
+the two get the same training-FLOP budget (``--match flops``): the dense model trains
+``--steps`` steps and the MoD model as many steps as the same FLOPs buy. ``--match
+steps`` gives both the same number of steps instead.
+
+Writes to ``--out`` (default runs/demo): report.json, summary.md, loss_curves.png,
+routing.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .data import BatchSampler, Corpus, decode, encode, get_batch, load_corpus  # noqa: E402
+from .layer import routing_metrics  # noqa: E402
+from .models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
+from .ops import threshold_route  # noqa: E402
+
+# Defaults of the full run and of --quick; explicit command-line values override both.
+FULL = dict(steps=160, batch_size=16, seq_len=256, d_model=128, n_layer=6, n_head=4,
+            lr=2e-3, eval_batches=6, n_evals=8, sample_tokens=200, passage_chars=192)
+QUICK = dict(steps=6, batch_size=4, seq_len=64, d_model=32, n_layer=2, n_head=2,
+             lr=3e-3, eval_batches=2, n_evals=2, sample_tokens=24, passage_chars=64)
+PROMPT = "To be, or not to be"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Command-line options (None means: take the FULL or QUICK preset)."""
+    p = argparse.ArgumentParser(prog="python -m mod_ext.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="UTF-8 text file to train on instead of Shakespeare")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, help=f"dense-model training steps (default {FULL['steps']})")
+    p.add_argument("--match", choices=["flops", "steps"], default="flops",
+                   help="give the MoD model the dense model's FLOP budget (default) or its step count")
+    p.add_argument("--batch-size", type=int, help=f"sequences per step (default {FULL['batch_size']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {FULL['seq_len']})")
+    p.add_argument("--d-model", type=int, help=f"model width (default {FULL['d_model']})")
+    p.add_argument("--n-layer", type=int, help=f"layers (default {FULL['n_layer']})")
+    p.add_argument("--n-head", type=int, help=f"attention heads (default {FULL['n_head']})")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {FULL['lr']})")
+    p.add_argument("--capacity-factor", type=float, default=0.125, help="MoD capacity (default 0.125)")
+    p.add_argument("--mod-every", type=int, default=2, help="every n-th layer is MoD (default 2)")
+    p.add_argument("--causal-router", choices=["predictor", "router"], default="predictor",
+                   help="what routes causally when sampling (default predictor)")
+    p.add_argument("--aux-loss-weight", type=float, default=0.1, help="weight of the MoD aux loss")
+    p.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
+    p.add_argument("--n-evals", type=int, help="evaluations per training run (plus one at step 0)")
+    p.add_argument("--sample-tokens", type=int, help="tokens to sample from the MoD model")
+    p.add_argument("--passage-chars", type=int, help="length of the passage in routing.png")
+    p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and sampling")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--cache-dir", default=None, help="corpus cache (default $MOD_EXT_CACHE or "
+                   "~/.cache/mod_ext/shakespeare)")
+    p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+@torch.no_grad()
+def evaluate(model: MoDTransformer, batches, routing: str = "topk") -> float:
+    """Mean next-token cross-entropy (nats) over fixed (x, y) batches."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        logits, _ = model(x, routing=routing)
+        losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def make_optimizer(model: MoDTransformer, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (nanoGPT)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup (10% of the steps) then cosine decay to lr / 10."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_batches) -> Dict:
+    """Train one model; return the model, its curve and timing."""
+    torch.manual_seed(args.seed)
+    model = MoDTransformer(cfg)
+    opt = make_optimizer(model, args.lr)
+    sampler = BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
+    fpt = model.flops_per_token(args.seq_len)
+    tokens_per_step = args.batch_size * args.seq_len
+    eval_steps = sorted({round(i * steps / args.n_evals) for i in range(args.n_evals + 1)})
+    curve, step_times, wall = [], [], 0.0
+
+    def record(step):
+        curve.append(dict(step=step, train_flops=3 * fpt * tokens_per_step * step, wall_s=wall,
+                          val_loss=evaluate(model, val_batches)))
+
+    record(0)
+    bar = tqdm(range(steps), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        x, y = next(sampler)
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, args.lr)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        wall += dt
+        if step + 1 in eval_steps:
+            record(step + 1)
+        if step % 10 == 0 or step + 1 in eval_steps:
+            aux = model.last_aux_loss  # show the language-model loss without the aux term
+            ce = loss.item() - (cfg.aux_loss_weight * aux.item() if aux is not None else 0.0)
+            bar.set_postfix(ce=f"{ce:.3f}", val=f"{curve[-1]['val_loss']:.3f}")
+    bar.close()
+    return dict(
+        model=model,
+        result=dict(
+            val_loss=curve[-1]["val_loss"],
+            train_flops=3 * fpt * tokens_per_step * steps,
+            flops_per_token=fpt,
+            step_time_s=statistics.median(step_times),
+            tokens_per_s=tokens_per_step * steps / wall,
+            train_wall_s=wall,
+            steps=steps,
+            params=model.num_params(),
+            curve=curve,
+        ),
+    )
+
+
+@torch.no_grad()
+def predictor_metrics(model: MoDTransformer, val_batches) -> Dict[str, float]:
+    """Causal-routing accuracy/recall vs top-k, averaged over MoD layers and batches."""
+    acc, rec, frac = [], [], []
+    model.eval()
+    for x, _ in val_batches:
+        for layer in model.routing_report(x):
+            m = routing_metrics(layer["causal_scores"], layer["indices"], layer["causal_capacity"])
+            acc.append(m.accuracy.item())
+            rec.append(m.recall.item())
+            frac.append(m.routed_fraction.item())
+    model.train()
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return dict(predictor_accuracy=mean(acc), predictor_recall=mean(rec), causal_routed_fraction=mean(frac))
+
+
+def held_out_passage(corpus: Corpus, n_chars: int) -> torch.Tensor:
+    """A fixed held-out passage of n_chars tokens, starting after a blank line if possible."""
+    val = corpus.val
+    n_chars = min(n_chars, val.numel())
+    start = val.numel() // 3
+    j = bytes(val[start: start + 4 * n_chars].tolist()).find(b"\n\n")
+    if j >= 0:
+        start += j + 2
+    start = min(start, val.numel() - n_chars)
+    return val[start: start + n_chars].long()  # (n_chars,)
+
+
+def plot_curves(results: Dict[str, Dict], path: Path, title: str) -> None:
+    """Two panels: validation loss vs training FLOPs and vs wall-clock seconds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"dense": dict(color="tab:blue", marker="o"), "mod": dict(color="tab:orange", marker="s")}
+    for key, label in (("dense", "dense baseline"), ("mod", "MoD")):
+        curve = results[key]["curve"]
+        kw = dict(label=label, markersize=4, **styles[key])
+        axes[0].plot([p["train_flops"] for p in curve], [p["val_loss"] for p in curve], **kw)
+        axes[1].plot([p["wall_s"] for p in curve], [p["val_loss"] for p in curve], **kw)
+    axes[0].set_xlabel("training FLOPs")
+    axes[1].set_xlabel("training wall-clock (s, evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        lo = min(p["val_loss"] for r in results.values() for p in r["curve"])
+        hi = sorted(p["val_loss"] for r in results.values() for p in r["curve"])[-3]  # skip step 0
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _show_char(c: str) -> str:
+    return {"\n": "\u21b5", "\t": "\u2192", "\r": " "}.get(c, c if c.isprintable() else "\ufffd")
+
+
+@torch.no_grad()
+def plot_routing(model: MoDTransformer, passage: torch.Tensor, path: Path, width: int = 64) -> None:
+    """Grid of a held-out passage per MoD layer: shaded = routed by top-k, red bar = routed causally."""
+    model.eval()
+    report = model.routing_report(passage[None])
+    model.train()
+    cells = [_show_char(chr(b)) if b < 128 else "\ufffd" for b in passage.tolist()]  # one cell per byte
+    n = len(cells)
+    n_lines = math.ceil(n / width)
+    n_layers = len(report)
+    fig, axes = plt.subplots(n_layers, 1, figsize=(0.19 * width + 0.6, (0.32 * n_lines + 0.45) * n_layers + 0.3),
+                             squeeze=False)
+    for ax, layer in zip(axes[:, 0], report):
+        routed = set(layer["indices"][0][layer["slot_mask"][0]].tolist())
+        c_idx, c_mask = threshold_route(layer["causal_scores"], layer["causal_capacity"])
+        causal = set(c_idx[0][c_mask[0]].tolist())
+        for t, ch in enumerate(cells):
+            col, row = t % width, t // width
+            if t in routed:
+                ax.add_patch(Rectangle((col, row), 1, 1, color="tab:orange", alpha=0.55, lw=0))
+            if t in causal:
+                ax.add_patch(Rectangle((col + 0.1, row + 0.86), 0.8, 0.12, color="tab:red", lw=0))
+            ax.text(col + 0.5, row + 0.5, ch, ha="center", va="center", family="DejaVu Sans Mono", fontsize=8)
+        ax.set_xlim(0, width)
+        ax.set_ylim(n_lines, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"layer {layer['layer']}: {len(routed)} of {n} tokens routed by top-k (shaded); "
+                     f"{len(causal)} routed causally by the {model.cfg.causal_router} (red bar)",
+                     fontsize=9, loc="left")
+    fig.suptitle("Which tokens of a held-out passage each MoD layer processes (\u21b5 = newline)",
+                 fontsize=10, x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def summary_table(report: Dict) -> str:
+    """Markdown table of the headline numbers."""
+    d, m = report["dense"], report["mod"]
+    rows = [
+        ("parameters", f"{d['params']:,}", f"{m['params']:,}"),
+        ("forward FLOPs / token", f"{d['flops_per_token'] / 1e6:.2f} M", f"{m['flops_per_token'] / 1e6:.2f} M"),
+        ("training steps", f"{d['steps']}", f"{m['steps']}"),
+        ("training FLOPs", f"{d['train_flops']:.3g}", f"{m['train_flops']:.3g}"),
+        ("median step time", f"{d['step_time_s'] * 1e3:.0f} ms", f"{m['step_time_s'] * 1e3:.0f} ms"),
+        ("training tokens / s", f"{d['tokens_per_s']:,.0f}", f"{m['tokens_per_s']:,.0f}"),
+        ("training wall-clock", f"{d['train_wall_s']:.1f} s", f"{m['train_wall_s']:.1f} s"),
+        ("val loss (top-k routing)", f"{d['val_loss']:.4f}", f"{m['val_loss']:.4f}"),
+        ("val loss (causal routing)", "-", f"{m['causal_val_loss']:.4f}"),
+        ("predictor accuracy / recall", "-", f"{m['predictor_accuracy']:.3f} / {m['predictor_recall']:.3f}"),
+    ]
+    c = report["config"]
+    head = (f"Dense vs MoD (capacity {c['capacity_factor']}, every {c['mod_every']} layers) on {c['corpus']}; "
+            f"{c['budget']}; {c['tokens_per_step']} tokens/step, {c['n_layer']} layers, d_model "
+            f"{c['d_model']}, {c['threads']} CPU threads.")
+    lines = [head, "", "| | dense | MoD |", "|---|---:|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    """Run the demo; returns the report (also written to <out>/report.json)."""
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    corpus = load_corpus(args.data, args.cache_dir)
+    timings = {"corpus_s": time.perf_counter() - t_start}
+    if corpus.val.numel() <= args.seq_len + 1 or corpus.train.numel() <= args.seq_len + 1:
+        raise SystemExit(f"mod_ext.demo: corpus too small for --seq-len {args.seq_len}")
+    mod_cfg = ModelConfig(
+        vocab_size=corpus.vocab_size, block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+        d_model=args.d_model, capacity_factor=args.capacity_factor, mod_every=args.mod_every,
+        causal_router=args.causal_router, aux_loss_weight=args.aux_loss_weight,
+    )
+    dense_cfg = dense_config(mod_cfg)
+    val_gen = torch.Generator().manual_seed(args.seed + 1)
+    val_batches = []
+    for _ in range(args.eval_batches):
+        w = get_batch(corpus.val, args.batch_size, args.seq_len, val_gen)  # (B, T+1)
+        val_batches.append((w[:, :-1], w[:, 1:]))
+
+    fpt_dense = MoDTransformer(dense_cfg).flops_per_token(args.seq_len)
+    fpt_mod = MoDTransformer(mod_cfg).flops_per_token(args.seq_len)
+    mod_steps = args.steps if args.match == "steps" else max(1, round(args.steps * fpt_dense / fpt_mod))
+    print(f"corpus: {corpus.name}: {corpus.train.numel():,} train / {corpus.val.numel():,} val tokens "
+          f"({corpus.split}{': ' + ', '.join(corpus.val_works) if corpus.val_works else ''})")
+    print(f"dense: {args.steps} steps, MoD: {mod_steps} steps (matched {args.match}); "
+          f"{args.batch_size} x {args.seq_len} tokens per step, {args.threads} threads")
+
+    t0 = time.perf_counter()
+    dense = train("dense", dense_cfg, corpus, args, args.steps, val_batches)
+    timings["dense_s"] = time.perf_counter() - t0  # training + evaluations
+    t0 = time.perf_counter()
+    mod = train("mod", mod_cfg, corpus, args, mod_steps, val_batches)
+    timings["mod_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = mod["model"]
+
+    results = {"dense": dense["result"], "mod": mod["result"]}
+    results["mod"]["causal_val_loss"] = evaluate(model, val_batches, routing="causal")
+    results["mod"].update(predictor_metrics(model, val_batches))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = encode(PROMPT).long()[None]  # (1, T0)
+    model.eval()
+    sample_ids = model.generate(prompt, args.sample_tokens, temperature=0.8, routing="causal", generator=gen)
+    model.train()
+    sample = decode(sample_ids[0].tolist())
+
+    passage = held_out_passage(corpus, min(args.passage_chars, args.seq_len))
+    plot_curves(results, out / "loss_curves.png",
+                f"{corpus.name}: dense vs MoD (c={args.capacity_factor}, every {args.mod_every} layers), "
+                f"matched {args.match}")
+    plot_routing(model, passage, out / "routing.png")
+
+    report = dict(
+        config=dict(
+            **vars(args),
+            corpus=corpus.name,
+            split=corpus.split,
+            held_out_works=corpus.val_works,
+            train_works=corpus.train_works,
+            train_tokens=int(corpus.train.numel()),
+            val_tokens=int(corpus.val.numel()),
+            n_tokens=corpus.n_tokens,
+            tokens_per_step=args.batch_size * args.seq_len,
+            dense_steps=args.steps,
+            mod_steps=mod_steps,
+            budget=("same training FLOPs" if args.match == "flops" else "same number of steps"),
+            model_mod=dataclasses.asdict(mod_cfg),
+            model_dense=dataclasses.asdict(dense_cfg),
+            optimizer="AdamW(betas=(0.9, 0.95), weight_decay=0.1 on matrices), warmup 10% + cosine to lr/10, "
+                      "grad clip 1.0",
+            eval="mean cross-entropy on a fixed set of held-out batches; wall_s excludes evaluation",
+            prompt=PROMPT,
+            passage=decode(passage.tolist()),
+            torch=torch.__version__,
+            mod_ext=__version__,
+        ),
+        dense=results["dense"],
+        mod=results["mod"],
+        sample=sample,
+    )
+    timings["analysis_s"] = time.perf_counter() - t0  # causal eval, metrics, sample, plots
+    report["timings"] = timings
+    report["total_wall_s"] = time.perf_counter() - t_start
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = summary_table(report)
+    (out / "summary.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\nsample (MoD, causal routing):\n{sample}\n")
+    print(f"wrote {out / 'report.json'}, {out / 'loss_curves.png'}, {out / 'routing.png'} "
+          f"({report['total_wall_s']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
