@@ -9,6 +9,7 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
 #include <cstring>
@@ -108,6 +109,26 @@ inline void check_scatter_args(const char* op, const at::Tensor& x, const char* 
   check_same_device(x, x_name, y, "y");
   check_same_device(x, x_name, indices, "indices");
   check_same_device(x, x_name, weights, "weights");
+}
+
+// The in-place scatter writes into x while reading y and weights: they must not share
+// memory with x (a view of x as y would read rows that were already updated).
+// Overlap is computed exactly for dense tensors; for other strided views ("too hard")
+// any shared storage counts, which is conservative.
+inline bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  const auto s = at::get_overlap_status(a, b);
+  return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial ||
+         (s == at::MemOverlapStatus::TooHard && a.is_alias_of(b));
+}
+
+inline void check_inplace_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weights) {
+  MOD_CHECK(!shares_memory(x, y),
+            "scatter_add_weighted_: y must not share memory with x (pass y.clone())");
+  MOD_CHECK(!shares_memory(x, weights),
+            "scatter_add_weighted_: weights must not share memory with x");
+  MOD_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+            "scatter_add_weighted_: x has overlapping memory (e.g. an expanded view); "
+            "in-place writes would be ambiguous");
 }
 
 // ---------------------------------------------------------------------------

@@ -31,6 +31,9 @@ TORCH_LIBRARY(mod_ext, m) {
   m.def("gather_tokens_backward(Tensor grad_output, Tensor indices, SymInt seq_len) -> Tensor");
   // out = x; out[b, indices[b, j]] += weights[b, j] * y[b, j]   (float32 math, rounded once)
   m.def("scatter_add_weighted(Tensor x, Tensor y, Tensor indices, Tensor weights) -> Tensor");
+  // In-place variant for inference: x[b, indices[b, j]] += weights[b, j] * y[b, j].
+  // Returns nothing (functionalisation cannot handle a custom op that returns an alias).
+  m.def("scatter_add_weighted_(Tensor(a!) x, Tensor y, Tensor indices, Tensor weights) -> ()");
   // grad_y[b, j] = weights[b, j] * grad_output[b, indices[b, j]]
   // grad_weights[b, j] = <grad_output[b, indices[b, j]], y[b, j]>
   m.def("scatter_add_weighted_backward(Tensor grad_output, Tensor y, Tensor indices,"

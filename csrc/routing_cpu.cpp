@@ -230,20 +230,20 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
 // ---------------------------------------------------------------------------
 // scatter_add_weighted: out = x; out[b, idx] = round(x[b, idx] + w[b, j] * y[b, j]).
 // ---------------------------------------------------------------------------
-at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
-                                    const at::Tensor& indices, const at::Tensor& weights) {
-  check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2), C = indices.size(1);
-  const auto idx = indices.contiguous();
-  check_index_range("scatter_add_weighted", idx, S);
-  check_unique_per_row("scatter_add_weighted", idx, S);
-  auto out = x.contiguous().clone();  // unrouted rows: bit-identical copies of x
-  if (B == 0 || C == 0 || D == 0) return out;
+namespace {
+
+// out[b, idx] = round(out[b, idx] + w[b, j] * y[b, j]) for every slot; `out` is
+// contiguous (B, S, D) and is updated in place. Indices are already range- and
+// uniqueness-checked, so slots of a row write disjoint rows.
+void scatter_rows_cpu_(at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
+                       const at::Tensor& weights) {
+  const int64_t B = out.size(0), S = out.size(1), D = out.size(2), C = idx.size(1);
+  if (B == 0 || C == 0 || D == 0) return;
   const auto yc = y.contiguous();
-  const bool is_double = x.scalar_type() == at::kDouble;
+  const bool is_double = out.scalar_type() == at::kDouble;
   const auto w = weights.to(is_double ? at::kDouble : at::kFloat).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_weighted_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_add_weighted_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     const acc* wp = w.data_ptr<acc>();
@@ -267,7 +267,38 @@ at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
       }
     });
   });
+}
+
+}  // namespace
+
+at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
+                                    const at::Tensor& indices, const at::Tensor& weights) {
+  check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
+  const auto idx = indices.contiguous();
+  check_index_range("scatter_add_weighted", idx, x.size(1));
+  check_unique_per_row("scatter_add_weighted", idx, x.size(1));
+  auto out = x.contiguous().clone();  // unrouted rows: bit-identical copies of x
+  scatter_rows_cpu_(out, y, idx, weights);
   return out;
+}
+
+// ---------------------------------------------------------------------------
+// scatter_add_weighted_: the in-place variant for inference (no copy of x).
+// ---------------------------------------------------------------------------
+void scatter_add_weighted__cpu(at::Tensor& x, const at::Tensor& y,
+                                 const at::Tensor& indices, const at::Tensor& weights) {
+  check_scatter_args("scatter_add_weighted_", x, "x", y, indices, weights);
+  check_inplace_args(x, y, weights);
+  const auto idx = indices.contiguous();
+  check_index_range("scatter_add_weighted_", idx, x.size(1));
+  check_unique_per_row("scatter_add_weighted_", idx, x.size(1));
+  if (x.is_contiguous()) {
+    scatter_rows_cpu_(x, y, idx, weights);
+  } else {
+    auto tmp = x.contiguous();
+    scatter_rows_cpu_(tmp, y, idx, weights);
+    x.copy_(tmp);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -328,6 +359,7 @@ TORCH_LIBRARY_IMPL(mod_ext, CPU, m) {
   m.impl("gather_tokens", &gather_tokens_cpu);
   m.impl("gather_tokens_backward", &gather_tokens_backward_cpu);
   m.impl("scatter_add_weighted", &scatter_add_weighted_cpu);
+  m.impl("scatter_add_weighted_", &scatter_add_weighted__cpu);
   m.impl("scatter_add_weighted_backward", &scatter_add_weighted_backward_cpu);
 }
 

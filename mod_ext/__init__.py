@@ -5,7 +5,15 @@ transformer-based language models" (arXiv 2404.02258). See README.md.
 """
 
 from ._version import __version__
-from .ops import build_info, cuda_built, gather_tokens, scatter_add_weighted, threshold_route, topk_route
+from .ops import (
+    build_info,
+    cuda_built,
+    gather_tokens,
+    scatter_add_weighted,
+    scatter_add_weighted_,
+    threshold_route,
+    topk_route,
+)
 from .layer import (
     MoDBlock,
     MoDOutput,
@@ -26,6 +34,7 @@ __all__ = [
     "threshold_route",
     "gather_tokens",
     "scatter_add_weighted",
+    "scatter_add_weighted_",
     "capacity_for",
     "mod_block",
     "MoDOutput",

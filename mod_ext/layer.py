@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import gather_tokens, scatter_add_weighted, threshold_route, topk_route
+from .ops import gather_tokens, scatter_add_weighted, scatter_add_weighted_, threshold_route, topk_route
 
 __all__ = [
     "MoDOutput",
@@ -145,6 +145,10 @@ def mod_block(
 
     Returns:
         :class:`MoDOutput` ``(output, router_logits, indices, slot_mask, router_weights)``.
+        Under ``torch.no_grad()`` / ``torch.inference_mode()`` the update is written
+        into x in place (:func:`mod_ext.scatter_add_weighted_`) and ``output`` is x
+        itself, so serving never copies the (B, S, D) hidden state; pass ``x.clone()``
+        to keep x. With grad mode on, x is never modified.
         Routing itself is not differentiable; gradients reach x, router_weight,
         router_bias and the block through ``r * f`` (paper Section 3.4).
 
@@ -179,7 +183,10 @@ def mod_block(
             f"mod_ext.mod_block: block_fn must return the update of shape (B, C, D) = "
             f"{tuple(x_sel.shape)}, got {tuple(f.shape)}"
         )
-    out = scatter_add_weighted(x, f.to(x.dtype), indices, r)
+    if torch.is_grad_enabled():
+        out = scatter_add_weighted(x, f.to(x.dtype), indices, r)
+    else:  # inference: update the C routed rows of x in place, no copy of the hidden state
+        out = scatter_add_weighted_(x, f.to(x.dtype), indices, r)
     return MoDOutput(out, router_logits, indices, slot_mask, r)
 
 

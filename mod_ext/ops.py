@@ -32,6 +32,7 @@ __all__ = [
     "threshold_route",
     "gather_tokens",
     "scatter_add_weighted",
+    "scatter_add_weighted_",
     "cuda_built",
     "build_info",
 ]
@@ -245,6 +246,27 @@ def _scatter_add_weighted_fake(x, y, indices, weights):
                  lambda: f"mod_ext: y must have shape (B, C, D) with B, D = {x.shape[0]}, {x.shape[2]}, got {tuple(y.shape)}")
     torch._check(y.dtype == x.dtype, lambda: f"mod_ext: y must have the same dtype as x ({x.dtype}), got {y.dtype}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def scatter_add_weighted_(x: Tensor, y: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """In-place :func:`scatter_add_weighted` for inference: ``x[b, indices[b, j]] +=
+    weights[b, j] * y[b, j]`` (float32 math, rounded once), returns x.
+
+    Only the C routed rows are read and written, so serving does not copy the whole
+    (B, S, D) hidden state. Not differentiable (use :func:`scatter_add_weighted` when a
+    gradient is needed). Same arguments and checks as :func:`scatter_add_weighted`.
+
+    Raises:
+        RuntimeError: as :func:`scatter_add_weighted`; also when y or weights share
+            memory with x, or x has internal overlap (an expanded view).
+    """
+    _ops.scatter_add_weighted_.default(x, y, indices, weights)
+    return x
+
+
+@torch.library.register_fake("mod_ext::scatter_add_weighted_")
+def _scatter_add_weighted_inplace_fake(x, y, indices, weights):
+    _scatter_add_weighted_fake(x, y, indices, weights)  # same shape checks
 
 
 @torch.library.register_fake("mod_ext::scatter_add_weighted_backward")

@@ -468,17 +468,14 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad_output, const at::
   return grad_x;
 }
 
-at::Tensor scatter_add_weighted_cuda(const at::Tensor& x, const at::Tensor& y,
-                                     const at::Tensor& indices, const at::Tensor& weights) {
-  check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
-  const at::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2), C = y.size(1);
-  // Untouched rows are a bit-for-bit copy of x; the kernel updates the indexed rows in place.
-  auto out = at::empty({B, S, D}, x.options());
-  out.copy_(x);
-  if (B == 0 || C == 0 || D == 0 || S == 0) return out;
+namespace {
 
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// Updates the indexed rows of the contiguous (B, S, D) tensor `out` in place.
+void scatter_rows_cuda_(at::Tensor& out, const at::Tensor& y, const at::Tensor& indices,
+                        const at::Tensor& weights) {
+  const int64_t B = out.size(0), S = out.size(1), D = out.size(2), C = y.size(1);
+  if (B == 0 || C == 0 || D == 0 || S == 0) return;
+  const auto acc_dtype = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w_c = weights.to(acc_dtype).contiguous();  // as the reference: weights.to(acc)
   const auto y_c = y.contiguous();
   const auto idx_c = indices.contiguous();
@@ -486,14 +483,41 @@ at::Tensor scatter_add_weighted_cuda(const at::Tensor& x, const at::Tensor& y,
   const int threads = threads_for(D, 256);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
-                                  x.scalar_type(), "scatter_add_weighted_cuda", [&] {
+                                  out.scalar_type(), "scatter_add_weighted_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scatter_add_weighted_kernel<scalar_t, acc_t><<<blocks_for(n_slots), threads, 0, stream>>>(
         y_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(),
         w_c.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), n_slots, C, S, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+at::Tensor scatter_add_weighted_cuda(const at::Tensor& x, const at::Tensor& y,
+                                     const at::Tensor& indices, const at::Tensor& weights) {
+  check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
+  const at::cuda::CUDAGuard guard(x.device());
+  // Untouched rows are a bit-for-bit copy of x; the kernel updates the indexed rows in place.
+  auto out = at::empty(x.sizes(), x.options());
+  out.copy_(x);
+  scatter_rows_cuda_(out, y, indices, weights);
   return out;
+}
+
+// In-place variant for inference: no copy of the hidden state.
+void scatter_add_weighted__cuda(at::Tensor& x, const at::Tensor& y,
+                                  const at::Tensor& indices, const at::Tensor& weights) {
+  check_scatter_args("scatter_add_weighted_", x, "x", y, indices, weights);
+  check_inplace_args(x, y, weights);
+  const at::cuda::CUDAGuard guard(x.device());
+  if (x.is_contiguous()) {
+    scatter_rows_cuda_(x, y, indices, weights);
+  } else {
+    auto tmp = x.contiguous();
+    scatter_rows_cuda_(tmp, y, indices, weights);
+    x.copy_(tmp);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cuda(
@@ -540,5 +564,6 @@ TORCH_LIBRARY_IMPL(mod_ext, CUDA, m) {
   m.impl("gather_tokens", &mod_ext::gather_tokens_cuda);
   m.impl("gather_tokens_backward", &mod_ext::gather_tokens_backward_cuda);
   m.impl("scatter_add_weighted", &mod_ext::scatter_add_weighted_cuda);
+  m.impl("scatter_add_weighted_", &mod_ext::scatter_add_weighted__cuda);
   m.impl("scatter_add_weighted_backward", &mod_ext::scatter_add_weighted_backward_cuda);
 }
