@@ -3,11 +3,22 @@
 //
 // Common rules:
 //   * Inputs are made contiguous on the host; outputs are contiguous.
-//   * No host synchronisation anywhere (the ops run under CUDA-graph capture).
+//   * No host synchronisation anywhere (the ops run under CUDA-graph capture): no
+//     cudaDeviceSynchronize, no reads of device data on the host, no data-dependent
+//     allocation. The only host-side CUDA calls besides launches are the one-time
+//     cudaFuncGetAttributes / cudaFuncSetAttribute of topk_route (cached per device).
 //   * Math is done in float32 (float64 for float64 data) and rounded once to the output dtype.
 //   * An index outside [0, S) cannot be checked without a host sync. On CUDA such a slot
 //     reads zeros (gather), writes nothing (scatter, gather backward) and gets zero gradients.
 //   * All kernels use grid-stride loops over their work items, so any B, C fits the grid.
+//
+// Row kernels (gather / scatter and their backward ops) move whole D-rows. A row is handled
+// by blockDim.x threads (a multiple of 32; blockDim.y rows share a block) that access it in
+// "vectors" of N elements: N = 16 / sizeof(scalar_t) (16-byte loads and stores) when the
+// host has checked that every base pointer the kernel touches is 16-byte aligned and
+// D * sizeof(scalar_t) is a multiple of 16 (so D % N == 0 and every row start is aligned),
+// N = 1 (plain element accesses) otherwise. Either way a row is exactly D / N vectors: the
+// vector path has no tail, and the N = 1 path is the scalar path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,24 +30,33 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "../mod_ext.h"
 
 namespace mod_ext {
 namespace {
 
-constexpr int kRouteThreads = 512;                  // one block per row for the routing ops
-constexpr int64_t kMaxBlocks = int64_t(1) << 30;    // grid-stride loops cover the rest
+constexpr int kRouteThreads = 512;        // one block per row for the routing ops
+constexpr int kTopkStagedThreads = 1024;  // topk_route with the keys staged in shared memory
+constexpr int kRowThreads = 256;          // threads per block of the row kernels
+// Vectors a thread of a row kernel loads before it stores: kUnroll when it copies one row
+// (one 16-byte load per vector), kComputeUnroll when it reads two rows per vector (x and y,
+// or grad and y), so that both keep 64 bytes a thread in flight. Block shapes are sized
+// for kUnroll vectors a thread (row_launch).
+constexpr int kUnroll = 4;
+constexpr int kComputeUnroll = 2;
+// Row kernels are compiled for kRowMinBlocks resident blocks per SM (<= 64 registers a
+// thread, no spills), so that enough loads are in flight to approach the copy bandwidth.
+constexpr int kRowMinBlocks = 4;
+constexpr int64_t kMaxBlocks = int64_t(1) << 30;  // grid-stride loops cover the rest
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// Threads per block for a per-slot kernel over D features: a multiple of 32 in
-// [32, max_threads] (block_sum below needs whole warps).
-inline int threads_for(int64_t D, int max_threads) {
-  const int64_t t = (D + 31) / 32 * 32;
-  return static_cast<int>(std::max<int64_t>(32, std::min<int64_t>(t, max_threads)));
-}
 
 inline unsigned blocks_for(int64_t n_items) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(n_items, kMaxBlocks)));
@@ -51,30 +71,250 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
-// Sum of v over the block; the result is valid in thread 0. blockDim.x must be a multiple
-// of 32 (at most 1024). `scratch` holds 32 values; the trailing __syncthreads lets the
-// caller reuse it right away. Fixed reduction order, so deterministic for a given blockDim.
+// ---------------------------------------------------------------------------
+// Vectors for the row kernels (see the top of the file). A vector of N elements is loaded
+// and stored as one raw access of sizeof(scalar_t) * N bytes (uint4 for 16 bytes) and its
+// elements are read and written by bit copies, so a vector occupies sizeof / 4 registers.
+// ---------------------------------------------------------------------------
+template <int kBytes>
+struct RawBits;
+template <>
+struct RawBits<2> {
+  using type = uint16_t;
+};
+template <>
+struct RawBits<4> {
+  using type = uint32_t;
+};
+template <>
+struct RawBits<8> {
+  using type = uint2;
+};
+template <>
+struct RawBits<16> {
+  using type = uint4;
+};
+
+template <typename scalar_t, int N>
+struct VecOps {
+  using raw_t = typename RawBits<static_cast<int>(sizeof(scalar_t)) * N>::type;
+  static_assert(sizeof(raw_t) == sizeof(scalar_t) * N, "raw vector size");
+  static_assert(alignof(raw_t) == sizeof(raw_t), "raw vector alignment = its size");
+
+  // Element e of r (bit copy).
+  static __device__ __forceinline__ scalar_t get(const raw_t& r, int e) {
+    scalar_t s;
+    memcpy(&s, reinterpret_cast<const unsigned char*>(&r) + e * sizeof(scalar_t),
+           sizeof(scalar_t));
+    return s;
+  }
+  // Sets element e of r to s (bit copy).
+  static __device__ __forceinline__ void set(raw_t& r, int e, scalar_t s) {
+    memcpy(reinterpret_cast<unsigned char*>(&r) + e * sizeof(scalar_t), &s, sizeof(scalar_t));
+  }
+  // All-zero bits: +0.0 in every floating-point format we dispatch.
+  static __device__ __forceinline__ raw_t zero() {
+    raw_t r;
+    memset(&r, 0, sizeof(r));
+    return r;
+  }
+};
+
+// Elements per 16-byte vector: 2 (double), 4 (float), 8 (half, bfloat16).
+template <typename scalar_t>
+constexpr int vec16_elems() {
+  static_assert(16 % sizeof(scalar_t) == 0, "element size must divide 16");
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+// True when a row kernel may use 16-byte vectors: every row of D elements starts on a
+// 16-byte boundary for every base pointer in `ptrs` (row r starts at base + r * D elements).
+template <typename scalar_t>
+bool vectorizable(int64_t D, std::initializer_list<const void*> ptrs) {
+  if ((D * static_cast<int64_t>(sizeof(scalar_t))) % 16 != 0) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Calls launch(std::integral_constant<int, N>{}) with N = 16-byte vector width when
+// `vec` holds, else N = 1.
+template <typename scalar_t, typename F>
+void with_vec_width(bool vec, F&& launch) {
+  if (vec) {
+    launch(std::integral_constant<int, vec16_elems<scalar_t>()>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+// Block shape and grid of a row kernel over n_rows rows of `units` vectors each:
+// blockDim.x = threads per row, a multiple of 32 in [32, kRowThreads], about units / kUnroll;
+// blockDim.y = rows per block = kRowThreads / blockDim.x; grid-stride over groups of rows.
+struct RowLaunch {
+  dim3 block;
+  unsigned grid;
+};
+
+inline RowLaunch row_launch(int64_t n_rows, int64_t units) {
+  const int64_t want = (units + kUnroll - 1) / kUnroll;
+  const int64_t tx = std::max<int64_t>(32, std::min<int64_t>((want + 31) / 32 * 32, kRowThreads));
+  const int64_t ty = kRowThreads / tx;
+  return {dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty)),
+          blocks_for((n_rows + ty - 1) / ty)};
+}
+
+// Visits the vectors i of a row of nv vectors that this thread owns (i = threadIdx.x +
+// k * blockDim.x, k = 0, 1, ...), each exactly once: in groups of U while a whole group is
+// in range, full(i0, step) handling vectors i0 + u * step for u < U (so it can issue its U
+// loads before its stores, with no bounds checks); then one(i) for each remaining vector
+// (fewer than U).
+template <int U, typename Full, typename One>
+__device__ __forceinline__ void for_row_vectors(int64_t nv, Full&& full, One&& one) {
+  const int64_t step = blockDim.x;
+  int64_t i = threadIdx.x;
+  for (; i + (U - 1) * step < nv; i += U * step) full(i, step);
+  for (; i < nv; i += step) one(i);
+}
+
+// dst[i] = src[i] for the vectors of a row owned by this thread (bit copy).
+template <typename raw_t>
+__device__ __forceinline__ void copy_row(const raw_t* __restrict__ src, raw_t* __restrict__ dst,
+                                         int64_t nv) {
+  for_row_vectors<kUnroll>(
+      nv,
+      [&](int64_t i0, int64_t step) {
+        raw_t r[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) r[u] = src[i0 + u * step];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) dst[i0 + u * step] = r[u];
+      },
+      [&](int64_t i) { dst[i] = src[i]; });
+}
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ void zero_row(typename VecOps<scalar_t, N>::raw_t* __restrict__ dst,
+                                         int64_t nv) {
+  const auto z = VecOps<scalar_t, N>::zero();
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) dst[i] = z;
+}
+
+// round(x + w * y) elementwise in acc_t: product rounded, then sum rounded, then one
+// rounding to scalar_t (exactly like the reference). Vectors are taken by value: with a
+// reference into global memory the bit copies would read it byte by byte.
+template <typename scalar_t, typename acc_t, int N>
+__device__ __forceinline__ typename VecOps<scalar_t, N>::raw_t axpy_vec(
+    const typename VecOps<scalar_t, N>::raw_t x, acc_t w,
+    const typename VecOps<scalar_t, N>::raw_t y) {
+  using Ops = VecOps<scalar_t, N>;
+  typename Ops::raw_t o;
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const acc_t upd = mul_rn(w, static_cast<acc_t>(Ops::get(y, e)));
+    Ops::set(o, e, static_cast<scalar_t>(add_rn(static_cast<acc_t>(Ops::get(x, e)), upd)));
+  }
+  return o;
+}
+
+// out[i] = axpy_vec(x[i], w, y[i]) for the vectors of a row owned by this thread. `out` may
+// equal `x` (in place): each vector is read and then written by the same thread.
+template <typename scalar_t, typename acc_t, int N>
+__device__ __forceinline__ void axpy_row(const typename VecOps<scalar_t, N>::raw_t* x, acc_t w,
+                                         const typename VecOps<scalar_t, N>::raw_t* __restrict__ y,
+                                         typename VecOps<scalar_t, N>::raw_t* out, int64_t nv) {
+  using raw_t = typename VecOps<scalar_t, N>::raw_t;
+  for_row_vectors<kComputeUnroll>(
+      nv,
+      [&](int64_t i0, int64_t step) {
+        raw_t xv[kComputeUnroll], yv[kComputeUnroll];
+#pragma unroll
+        for (int u = 0; u < kComputeUnroll; ++u) {
+          xv[u] = x[i0 + u * step];
+          yv[u] = y[i0 + u * step];
+        }
+#pragma unroll
+        for (int u = 0; u < kComputeUnroll; ++u) {
+          out[i0 + u * step] = axpy_vec<scalar_t, acc_t, N>(xv[u], w, yv[u]);
+        }
+      },
+      [&](int64_t i) { out[i] = axpy_vec<scalar_t, acc_t, N>(x[i], w, y[i]); });
+}
+
+// Sum of v over the blockDim.x threads of the calling thread's row (threadIdx.y); the
+// result is valid in the row's thread threadIdx.x == 0. blockDim.x must be a multiple of 32
+// so that every warp lies in one row; `scratch` holds one value per warp of the block (at
+// most 32). Every thread of the block must call it (it contains __syncthreads); the
+// trailing one lets the caller reuse scratch right away. Fixed reduction order, so
+// deterministic for a given block shape.
 template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+__device__ __forceinline__ T row_sum(T v, T* scratch) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
-  if (lane == 0) scratch[warp] = v;
+  const int warps_per_row = blockDim.x >> 5;
+  const int first = threadIdx.y * warps_per_row;
+  if ((threadIdx.x & 31) == 0) scratch[first + (threadIdx.x >> 5)] = v;
   __syncthreads();
-  if (warp == 0) {
-    const int n_warps = blockDim.x >> 5;
-    v = lane < n_warps ? scratch[lane] : T(0);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
+  if (threadIdx.x == 0) {
+    v = scratch[first];
+    for (int w = 1; w < warps_per_row; ++w) v += scratch[first + w];
   }
   __syncthreads();
   return v;
 }
 
 // ---------------------------------------------------------------------------
+// Row map for the ops that write every row of a (B, S, D) output (scatter_add_weighted,
+// gather_tokens_backward), so that one pass writes each output row exactly once:
+//   row_map[b, s] = j           when exactly one in-range slot j of row b has indices[b, j] == s
+//                 = kNoSlot     when none has
+//                 = kManySlots  when several have (duplicate indices)
+// Built from a kNoSlot-filled (B, S) int64 tensor: the first slot to arrive claims the
+// entry with a compare-and-swap, every later one marks it kManySlots. The entry never
+// returns to kNoSlot, so exactly one CAS succeeds per entry and the final value is as above
+// whatever the arrival order.
+// Launch: 1D grid-stride over the B*C slots.
+// ---------------------------------------------------------------------------
+constexpr int64_t kNoSlot = -1;
+constexpr int64_t kManySlots = -2;
+
+__global__ void build_row_map_kernel(const int64_t* __restrict__ indices,
+                                     int64_t* __restrict__ row_map, int64_t n_slots, int64_t C,
+                                     int64_t S) {
+  using ull = unsigned long long;
+  static_assert(sizeof(ull) == sizeof(int64_t), "64-bit atomics on the int64 row map");
+  for (int64_t slot = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; slot < n_slots;
+       slot += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = indices[slot];
+    if (!index_ok(p, S)) continue;
+    const int64_t b = slot / C;
+    const int64_t j = slot - b * C;
+    ull* cell = reinterpret_cast<ull*>(row_map + b * S + p);
+    const ull none = static_cast<ull>(kNoSlot);
+    if (atomicCAS(cell, none, static_cast<ull>(j)) != none) {
+      atomicExch(cell, static_cast<ull>(kManySlots));
+    }
+  }
+}
+
+at::Tensor build_row_map(const at::Tensor& idx_c, int64_t B, int64_t S, int64_t C,
+                         cudaStream_t stream) {
+  auto row_map = at::full({B, S}, kNoSlot, idx_c.options());  // int64, on the current stream
+  const int64_t n_slots = B * C;
+  constexpr int kThreads = 256;
+  build_row_map_kernel<<<blocks_for((n_slots + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      idx_c.const_data_ptr<int64_t>(), row_map.mutable_data_ptr<int64_t>(), n_slots, C, S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return row_map;
+}
+
+// ---------------------------------------------------------------------------
 // topk_route: radix select of the k-th largest route_key, then an ordered compaction.
 // Launch: grid = min(B, 2^30) blocks (grid-stride over rows), kThreads threads per block.
+// kStaged: the row's S keys are computed once into dynamic shared memory (S * 8 bytes,
+// used when that fits the device's opt-in limit); otherwise every pass recomputes them
+// from global memory. The selection below is the same in both cases.
 //
 // Pass p (p = 0..7) histograms digit p (bits [56 - 8p, 64 - 8p)) of the keys whose higher
 // bits equal the prefix found so far; warp 0 then finds the digit holding the key of rank
@@ -82,8 +322,25 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
 // exactly `remaining` keys, all of them win, so the threshold is the prefix with zero low
 // bits and we stop early. Keys are unique, so after the passes exactly k keys are >= T.
 // The compaction then writes the winners' positions in ascending order with a block scan.
+//
+// One block per row. Splitting a long row over several blocks (to use more SMs when B is
+// small) would need a grid-wide histogram per pass, i.e. up to 8 dependent launches (each
+// about as long as a whole row's pass here) or a cooperative grid sync, plus a cross-block
+// ordered compaction. Not done: the complexity outweighs the gain at these row lengths.
 // ---------------------------------------------------------------------------
-template <typename scalar_t, int kThreads>
+
+// Whether the token behind a route_key is valid: class bits 63..62 are 0 exactly for
+// invalid tokens (see route_key in mod_ext.h).
+__device__ __forceinline__ bool key_is_valid(uint64_t key) { return (key >> 62) != 0; }
+
+template <bool kStaged, typename scalar_t>
+__device__ __forceinline__ uint64_t token_key(const uint64_t* s_keys, const scalar_t* lrow,
+                                              const bool* vrow, int t) {
+  return kStaged ? s_keys[t]
+                 : route_key(static_cast<float>(lrow[t]), vrow != nullptr ? vrow[t] : true, t);
+}
+
+template <typename scalar_t, int kThreads, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
 topk_route_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ valid,
                   int64_t B, int S, int k, int64_t* __restrict__ indices,
@@ -94,11 +351,21 @@ topk_route_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ 
   __shared__ uint64_t s_prefix;
   __shared__ int s_remaining;
   __shared__ int s_done;
+  extern __shared__ __align__(16) unsigned char topk_dynamic_smem[];
+  // kStaged: the S keys of the current row (the launch provides S * 8 bytes).
+  uint64_t* const s_keys = reinterpret_cast<uint64_t*>(topk_dynamic_smem);
 
   const int tid = threadIdx.x;
   for (int64_t row = blockIdx.x; row < B; row += gridDim.x) {
     const scalar_t* lrow = logits + row * S;
     const bool* vrow = valid != nullptr ? valid + row * S : nullptr;
+
+    if (kStaged) {
+      for (int t = tid; t < S; t += kThreads) {
+        s_keys[t] = route_key(static_cast<float>(lrow[t]), vrow != nullptr ? vrow[t] : true, t);
+      }
+      __syncthreads();  // s_keys complete before any pass reads it
+    }
 
     uint64_t prefix = 0;  // digits of T found so far, in place; lower bits zero
     int remaining = k;    // rank of T among the keys that match `prefix`
@@ -108,8 +375,7 @@ topk_route_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ 
       for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
       __syncthreads();
       for (int t = tid; t < S; t += kThreads) {
-        const bool v = vrow != nullptr ? vrow[t] : true;
-        const uint64_t key = route_key(static_cast<float>(lrow[t]), v, t);
+        const uint64_t key = token_key<kStaged>(s_keys, lrow, vrow, t);
         if (((key ^ prefix) & hi_mask) == 0) atomicAdd(&hist[(key >> shift) & 0xff], 1);
       }
       __syncthreads();
@@ -162,8 +428,9 @@ topk_route_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ 
       bool win = false;
       bool v = false;
       if (t < S) {
-        v = vrow != nullptr ? vrow[t] : true;
-        win = route_key(static_cast<float>(lrow[t]), v, t) >= T;
+        const uint64_t key = token_key<kStaged>(s_keys, lrow, vrow, t);
+        v = key_is_valid(key);
+        win = key >= T;
       }
       int pos = 0, total = 0;
       BlockScan(scan_storage).ExclusiveSum(win ? 1 : 0, pos, total);
@@ -174,8 +441,37 @@ topk_route_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ 
       written += total;
       __syncthreads();  // scan_storage is reused by the next chunk
     }
-    __syncthreads();  // hist / s_* / scan_storage are reused by the next row
+    __syncthreads();  // hist / s_* / scan_storage / s_keys are reused by the next row
   }
+}
+
+// Dynamic shared memory (bytes) the staged topk kernel may use on `device`: the opt-in
+// per-block limit minus the kernel's static shared memory, or 0 when it cannot be staged.
+// Raises the kernel's dynamic shared memory limit to that once per device (the attribute
+// is per device context); later calls only read the cache. Host-side attribute calls only:
+// nothing is enqueued on a stream and nothing synchronises.
+template <typename scalar_t>
+int64_t topk_staged_smem_limit(int device) {
+  static std::mutex mutex;
+  static std::vector<int64_t> limit;  // per device index; -1 until configured
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) >= limit.size()) limit.resize(device + 1, -1);
+  if (limit[device] < 0) {
+    auto kernel = topk_route_kernel<scalar_t, kTopkStagedThreads, true>;
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const int64_t optin =
+        static_cast<int64_t>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+    int64_t avail = optin - static_cast<int64_t>(attr.sharedSizeBytes);
+    if (attr.maxThreadsPerBlock < kTopkStagedThreads || avail <= 0) {
+      avail = 0;
+    } else {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(avail)));
+    }
+    limit[device] = avail;
+  }
+  return limit[device];
 }
 
 // ---------------------------------------------------------------------------
@@ -249,81 +545,217 @@ threshold_route_kernel(const scalar_t* __restrict__ scores, const bool* __restri
 
 // ---------------------------------------------------------------------------
 // gather_tokens: out[b, j, :] = x[b, indices[b, j], :] (zeros for an out-of-range index).
-// Launch: grid = min(B*C, 2^30) blocks (grid-stride over slots), threads stride over D.
+// Launch: row_launch(B*C, D / N); one row of threads per slot, grid-stride over slots.
 // ---------------------------------------------------------------------------
-template <typename scalar_t>
-__global__ void gather_tokens_kernel(const scalar_t* __restrict__ x,
-                                     const int64_t* __restrict__ indices,
-                                     scalar_t* __restrict__ out, int64_t n_slots, int64_t C,
-                                     int64_t S, int64_t D) {
-  for (int64_t slot = blockIdx.x; slot < n_slots; slot += gridDim.x) {
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+gather_tokens_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ indices,
+                     scalar_t* __restrict__ out, int64_t n_slots, int64_t C, int64_t S,
+                     int64_t D) {
+  using raw_t = typename VecOps<scalar_t, N>::raw_t;
+  const int64_t nv = D / N;
+  for (int64_t slot = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; slot < n_slots;
+       slot += int64_t(gridDim.x) * blockDim.y) {
     const int64_t b = slot / C;
     const int64_t p = indices[slot];
-    scalar_t* dst = out + slot * D;
+    raw_t* dst = reinterpret_cast<raw_t*>(out + slot * D);
     if (index_ok(p, S)) {
-      const scalar_t* src = x + (b * S + p) * D;
-      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
+      copy_row(reinterpret_cast<const raw_t*>(x + (b * S + p) * D), dst, nv);
     } else {
-      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = scalar_t(0);
+      zero_row<scalar_t, N>(dst, nv);
     }
   }
 }
 
-// ---------------------------------------------------------------------------
-// gather_tokens_backward: grad_x (zero-initialised on the host) gets
-// grad_x[b, indices[b, j], d] += grad_output[b, j, d]. Each thread owns one (b, d) and walks
-// j = 0..C-1 in order, so duplicate indices in a row are summed deterministically without
-// atomics. Each add is done in float32 (float64 for double) and rounded to the output dtype;
-// with unique indices (the contract) that is one exact rounding per element.
-// Launch: grid = min(B * ceil(D / threads), 2^30) blocks, task = (b, chunk of D).
-// ---------------------------------------------------------------------------
-template <typename scalar_t>
-__global__ void gather_tokens_backward_kernel(const scalar_t* __restrict__ grad,
-                                              const int64_t* __restrict__ indices,
-                                              scalar_t* __restrict__ grad_x, int64_t B,
-                                              int64_t C, int64_t S, int64_t D,
-                                              int64_t n_chunks) {
+// round(0 + g) elementwise in acc_t (the first, and with unique indices the only, add of
+// gather_tokens_backward; it turns -0.0 into +0.0 exactly like zeros().scatter_add_()).
+template <typename scalar_t, int N>
+__device__ __forceinline__ typename VecOps<scalar_t, N>::raw_t add_to_zero_vec(
+    const typename VecOps<scalar_t, N>::raw_t g) {  // by value, as axpy_vec
+  using Ops = VecOps<scalar_t, N>;
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t task = blockIdx.x; task < B * n_chunks; task += gridDim.x) {
-    const int64_t b = task / n_chunks;
-    const int64_t d = (task % n_chunks) * blockDim.x + threadIdx.x;
-    if (d >= D) continue;
-    const int64_t* irow = indices + b * C;
-    const scalar_t* g = grad + b * C * D + d;
-    scalar_t* gx = grad_x + b * S * D + d;
+  typename Ops::raw_t o;
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    Ops::set(o, e, static_cast<scalar_t>(add_rn(acc_t(0), static_cast<acc_t>(Ops::get(g, e)))));
+  }
+  return o;
+}
+
+// Row s of batch row b of gather_tokens_backward when several slots point at it:
+// dst[d] = 0, then dst[d] = round(dst[d] + g[j, d]) in acc_t for every slot j (in order) with
+// irow[j] == s. grow = grad_output[b] (C x D), irow = indices[b]. Kept out of line: it is
+// rare, and inlining it would cost the common paths registers.
+template <typename scalar_t, int N>
+__device__ __noinline__ void gather_backward_many_row(
+    const scalar_t* __restrict__ grow, const int64_t* __restrict__ irow, int64_t s, int64_t C,
+    int64_t D, typename VecOps<scalar_t, N>::raw_t* __restrict__ dst) {
+  using Ops = VecOps<scalar_t, N>;
+  using raw_t = typename Ops::raw_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nv = D / N;
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+    raw_t cur = Ops::zero();
     for (int64_t j = 0; j < C; ++j) {
-      const int64_t p = irow[j];
-      if (!index_ok(p, S)) continue;
-      scalar_t* dst = gx + p * D;
-      *dst = static_cast<scalar_t>(static_cast<acc_t>(*dst) + static_cast<acc_t>(g[j * D]));
+      if (irow[j] != s) continue;
+      const raw_t g = reinterpret_cast<const raw_t*>(grow + j * D)[i];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        Ops::set(cur, e,
+                 static_cast<scalar_t>(add_rn(static_cast<acc_t>(Ops::get(cur, e)),
+                                              static_cast<acc_t>(Ops::get(g, e)))));
+      }
+    }
+    dst[i] = cur;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// gather_tokens_backward: grad_x = zeros; grad_x[b, indices[b, j], d] += grad_output[b, j, d]
+// for j = 0..C-1 in order, each add done in acc_t (float32, float64 for double) and rounded
+// to the output dtype (with unique indices, the contract, that is one exact rounding of
+// 0 + g per element). One pass over the B*S rows of grad_x with the row map, so every row
+// is written exactly once (no separate zero fill, no atomics, deterministic):
+//   kNoSlot    -> zeros
+//   slot j     -> round(0 + grad_output[b, j])
+//   kManySlots -> walk j = 0..C-1 in order and accumulate every slot with indices == s
+// Out-of-range slots are not in the row map, so they write nothing.
+// Launch: row_launch(B*S, D / N); one row of threads per row of grad_x, grid-stride.
+// ---------------------------------------------------------------------------
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+gather_tokens_backward_kernel(const scalar_t* __restrict__ grad,
+                              const int64_t* __restrict__ indices,
+                              const int64_t* __restrict__ row_map,
+                              scalar_t* __restrict__ grad_x, int64_t n_rows, int64_t C,
+                              int64_t S, int64_t D) {
+  using raw_t = typename VecOps<scalar_t, N>::raw_t;
+  const int64_t nv = D / N;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < n_rows;
+       r += int64_t(gridDim.x) * blockDim.y) {
+    const int64_t m = row_map[r];
+    raw_t* dst = reinterpret_cast<raw_t*>(grad_x + r * D);
+    if (m == kNoSlot) {
+      zero_row<scalar_t, N>(dst, nv);
+      continue;
+    }
+    const int64_t b = r / S;
+    if (m >= 0) {
+      const raw_t* src = reinterpret_cast<const raw_t*>(grad + (b * C + m) * D);
+      for_row_vectors<kUnroll>(
+          nv,
+          [&](int64_t i0, int64_t step) {
+            raw_t g[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) g[u] = src[i0 + u * step];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              dst[i0 + u * step] = add_to_zero_vec<scalar_t, N>(g[u]);
+            }
+          },
+          [&](int64_t i) { dst[i] = add_to_zero_vec<scalar_t, N>(src[i]); });
+    } else {  // kManySlots: duplicate indices in row b (allowed for gather; rare)
+      gather_backward_many_row<scalar_t, N>(grad + b * C * D, indices + b * C, r - b * S, C, D,
+                                            dst);
     }
   }
 }
 
 // ---------------------------------------------------------------------------
-// scatter_add_weighted: `out` holds a copy of x on entry; for every slot
-// out[b, p, :] = round(x[b, p, :] + w[b, j] * y[b, j, :]) with p = indices[b, j], computed
+// scatter_add_weighted, in place on the routed rows (scatter_add_weighted_): for every slot
+// out[b, p, :] = round(out[b, p, :] + w[b, j] * y[b, j, :]) with p = indices[b, j], computed
 // in acc_t (product rounded, then sum rounded, exactly like the reference).
-// Indices are unique per row by contract; a row with duplicate indices is undefined on
-// CUDA (one of the slots' updates wins). Out-of-range slots write nothing.
-// Launch: grid = min(B*C, 2^30) blocks (grid-stride over slots), threads stride over D.
+// Indices are unique per row by contract; a row with duplicate indices is undefined here
+// (one of the slots' updates wins). Out-of-range slots write nothing.
+// Launch: row_launch(B*C, D / N); one row of threads per slot, grid-stride over slots.
 // ---------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t>
-__global__ void scatter_add_weighted_kernel(const scalar_t* __restrict__ y,
-                                            const int64_t* __restrict__ indices,
-                                            const acc_t* __restrict__ weights,
-                                            scalar_t* __restrict__ out, int64_t n_slots,
-                                            int64_t C, int64_t S, int64_t D) {
-  for (int64_t slot = blockIdx.x; slot < n_slots; slot += gridDim.x) {
+template <typename scalar_t, typename acc_t, int N>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+scatter_add_weighted_inplace_kernel(const scalar_t* __restrict__ y,
+                                    const int64_t* __restrict__ indices,
+                                    const acc_t* __restrict__ weights, scalar_t* out,
+                                    int64_t n_slots, int64_t C, int64_t S, int64_t D) {
+  using raw_t = typename VecOps<scalar_t, N>::raw_t;
+  const int64_t nv = D / N;
+  for (int64_t slot = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; slot < n_slots;
+       slot += int64_t(gridDim.x) * blockDim.y) {
     const int64_t p = indices[slot];
     if (!index_ok(p, S)) continue;
     const int64_t b = slot / C;
-    const acc_t w = weights[slot];
-    const scalar_t* yrow = y + slot * D;
-    scalar_t* orow = out + (b * S + p) * D;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const acc_t upd = mul_rn(w, static_cast<acc_t>(yrow[d]));
-      orow[d] = static_cast<scalar_t>(add_rn(static_cast<acc_t>(orow[d]), upd));
+    raw_t* orow = reinterpret_cast<raw_t*>(out + (b * S + p) * D);
+    axpy_row<scalar_t, acc_t, N>(orow, weights[slot],
+                                 reinterpret_cast<const raw_t*>(y + slot * D), orow, nv);
+  }
+}
+
+// Row s of batch row b of scatter_add_weighted (out of place) when several slots point at
+// it (outside the contract): acc = x, then acc = add_rn(acc, mul_rn(w[j], y[j])) for every
+// slot j (in order) with irow[j] == s, rounded once. yb = y[b] (C x D), irow = indices[b],
+// wrow = weights[b]. Out of line for the same reason as gather_backward_many_row.
+template <typename scalar_t, typename acc_t, int N>
+__device__ __noinline__ void scatter_many_row(
+    const typename VecOps<scalar_t, N>::raw_t* __restrict__ xrow, const scalar_t* __restrict__ yb,
+    const int64_t* __restrict__ irow, const acc_t* __restrict__ wrow, int64_t s, int64_t C,
+    int64_t D, typename VecOps<scalar_t, N>::raw_t* __restrict__ orow) {
+  using Ops = VecOps<scalar_t, N>;
+  using raw_t = typename Ops::raw_t;
+  const int64_t nv = D / N;
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+    const raw_t xv = xrow[i];
+    acc_t acc[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = static_cast<acc_t>(Ops::get(xv, e));
+    for (int64_t j = 0; j < C; ++j) {
+      if (irow[j] != s) continue;
+      const acc_t w = wrow[j];
+      const raw_t yv = reinterpret_cast<const raw_t*>(yb + j * D)[i];
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc[e] = add_rn(acc[e], mul_rn(w, static_cast<acc_t>(Ops::get(yv, e))));
+    }
+    raw_t o;
+#pragma unroll
+    for (int e = 0; e < N; ++e) Ops::set(o, e, static_cast<scalar_t>(acc[e]));
+    orow[i] = o;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// scatter_add_weighted, out of place, in one pass over the B*S rows of `out` with the row
+// map (every row read from x and written exactly once, instead of a full copy of x
+// followed by read-modify-write of the routed rows):
+//   kNoSlot    -> out row = x row, bit for bit
+//   slot j     -> out row = round(x + w[b, j] * y[b, j]) in acc_t (product rounded, then sum
+//                 rounded, exactly like the reference)
+//   kManySlots -> duplicate indices (outside the contract): scatter_many_row
+// Out-of-range slots are not in the row map, so they write nothing.
+// Launch: row_launch(B*S, D / N); one row of threads per row of out, grid-stride.
+// ---------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t, int N>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+scatter_add_weighted_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                            const int64_t* __restrict__ indices,
+                            const acc_t* __restrict__ weights,
+                            const int64_t* __restrict__ row_map, scalar_t* __restrict__ out,
+                            int64_t n_rows, int64_t C, int64_t S, int64_t D) {
+  using raw_t = typename VecOps<scalar_t, N>::raw_t;
+  const int64_t nv = D / N;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < n_rows;
+       r += int64_t(gridDim.x) * blockDim.y) {
+    const int64_t m = row_map[r];
+    const raw_t* xrow = reinterpret_cast<const raw_t*>(x + r * D);
+    raw_t* orow = reinterpret_cast<raw_t*>(out + r * D);
+    if (m == kNoSlot) {
+      copy_row(xrow, orow, nv);
+      continue;
+    }
+    const int64_t b = r / S;
+    if (m >= 0) {
+      const int64_t slot = b * C + m;
+      axpy_row<scalar_t, acc_t, N>(xrow, weights[slot],
+                                   reinterpret_cast<const raw_t*>(y + slot * D), orow, nv);
+    } else {  // kManySlots
+      scatter_many_row<scalar_t, acc_t, N>(xrow, y + b * C * D, indices + b * C,
+                                           weights + b * C, r - b * S, C, D, orow);
     }
   }
 }
@@ -331,36 +763,67 @@ __global__ void scatter_add_weighted_kernel(const scalar_t* __restrict__ y,
 // ---------------------------------------------------------------------------
 // scatter_add_weighted_backward, one pass per slot (b, j), p = indices[b, j]:
 //   grad_y[b, j, :]   = round(w[b, j] * grad_output[b, p, :])
-//   grad_w[b, j]      = sum_d grad_output[b, p, d] * y[b, j, d]   (acc_t, block reduction)
+//   grad_w[b, j]      = sum_d grad_output[b, p, d] * y[b, j, d]   (acc_t, row reduction)
 // Out-of-range slots get zero gradients.
-// Launch: grid = min(B*C, 2^30) blocks (grid-stride over slots), blockDim a multiple of 32.
+// Launch: row_launch(B*C, D / N). The loop runs over groups of blockDim.y slots with a
+// block-uniform trip count, because row_sum synchronises the whole block.
 // ---------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t>
-__global__ void scatter_add_weighted_backward_kernel(
+template <typename scalar_t, typename acc_t, int N>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+scatter_add_weighted_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ y,
     const int64_t* __restrict__ indices, const acc_t* __restrict__ weights,
     scalar_t* __restrict__ grad_y, acc_t* __restrict__ grad_w, int64_t n_slots, int64_t C,
     int64_t S, int64_t D) {
   __shared__ acc_t scratch[32];
-  for (int64_t slot = blockIdx.x; slot < n_slots; slot += gridDim.x) {
-    const int64_t p = indices[slot];
-    const int64_t b = slot / C;
-    const acc_t w = weights[slot];
-    scalar_t* gy = grad_y + slot * D;
+  using Ops = VecOps<scalar_t, N>;
+  using raw_t = typename Ops::raw_t;
+  const int64_t nv = D / N;
+  const int64_t rows = blockDim.y;
+  const int64_t n_groups = (n_slots + rows - 1) / rows;
+  for (int64_t grp = blockIdx.x; grp < n_groups; grp += gridDim.x) {  // uniform in the block
+    const int64_t slot = grp * rows + threadIdx.y;
+    const bool active = slot < n_slots;  // uniform in the row
     acc_t dot = acc_t(0);
-    if (index_ok(p, S)) {  // uniform across the block
-      const scalar_t* g = grad_out + (b * S + p) * D;
-      const scalar_t* yrow = y + slot * D;
-      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        const acc_t gv = static_cast<acc_t>(g[d]);
-        gy[d] = static_cast<scalar_t>(w * gv);
-        dot += gv * static_cast<acc_t>(yrow[d]);
+    if (active) {
+      const int64_t p = indices[slot];
+      raw_t* gy = reinterpret_cast<raw_t*>(grad_y + slot * D);
+      if (index_ok(p, S)) {
+        const int64_t b = slot / C;
+        const acc_t w = weights[slot];
+        const raw_t* g = reinterpret_cast<const raw_t*>(grad_out + (b * S + p) * D);
+        const raw_t* yrow = reinterpret_cast<const raw_t*>(y + slot * D);
+        // grad_y vector i from the loaded grad / y vectors (by value, as axpy_vec); adds
+        // their elementwise products to dot.
+        auto emit = [&](int64_t i, const raw_t gv, const raw_t yv) {
+          raw_t o;
+#pragma unroll
+          for (int e = 0; e < N; ++e) {
+            const acc_t a = static_cast<acc_t>(Ops::get(gv, e));
+            Ops::set(o, e, static_cast<scalar_t>(mul_rn(w, a)));
+            dot += a * static_cast<acc_t>(Ops::get(yv, e));
+          }
+          gy[i] = o;
+        };
+        for_row_vectors<kComputeUnroll>(
+            nv,
+            [&](int64_t i0, int64_t step) {
+              raw_t gv[kComputeUnroll], yv[kComputeUnroll];
+#pragma unroll
+              for (int u = 0; u < kComputeUnroll; ++u) {
+                gv[u] = g[i0 + u * step];
+                yv[u] = yrow[i0 + u * step];
+              }
+#pragma unroll
+              for (int u = 0; u < kComputeUnroll; ++u) emit(i0 + u * step, gv[u], yv[u]);
+            },
+            [&](int64_t i) { emit(i, g[i], yrow[i]); });
+      } else {
+        zero_row<scalar_t, N>(gy, nv);
       }
-    } else {
-      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) gy[d] = scalar_t(0);
     }
-    dot = block_sum(dot, scratch);  // every thread reaches this
-    if (threadIdx.x == 0) grad_w[slot] = dot;
+    dot = row_sum(dot, scratch);  // every thread of the block reaches this
+    if (active && threadIdx.x == 0) grad_w[slot] = dot;
   }
 }
 
@@ -385,12 +848,22 @@ std::tuple<at::Tensor, at::Tensor> topk_route_cuda(const at::Tensor& router_logi
   const auto logits = router_logits.contiguous();
   const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
   const bool* vptr = valid_c.defined() ? valid_c.const_data_ptr<bool>() : nullptr;
+  const int device = static_cast<int>(router_logits.device().index());
+  const int64_t key_bytes = S * static_cast<int64_t>(sizeof(uint64_t));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_SWITCH(logits.scalar_type(), "topk_route_cuda", MOD_ROUTE_TYPES([&] {
-    topk_route_kernel<scalar_t, kRouteThreads><<<blocks_for(B), kRouteThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), vptr, B, static_cast<int>(S),
-        static_cast<int>(capacity), indices.mutable_data_ptr<int64_t>(),
-        slot_mask.mutable_data_ptr<bool>());
+    if (key_bytes <= topk_staged_smem_limit<scalar_t>(device)) {
+      topk_route_kernel<scalar_t, kTopkStagedThreads, true>
+          <<<blocks_for(B), kTopkStagedThreads, static_cast<size_t>(key_bytes), stream>>>(
+              logits.const_data_ptr<scalar_t>(), vptr, B, static_cast<int>(S),
+              static_cast<int>(capacity), indices.mutable_data_ptr<int64_t>(),
+              slot_mask.mutable_data_ptr<bool>());
+    } else {
+      topk_route_kernel<scalar_t, kRouteThreads, false><<<blocks_for(B), kRouteThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), vptr, B, static_cast<int>(S),
+          static_cast<int>(capacity), indices.mutable_data_ptr<int64_t>(),
+          slot_mask.mutable_data_ptr<bool>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }));
   return {indices, slot_mask};
@@ -432,14 +905,18 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& indices) {
   const auto x_c = x.contiguous();
   const auto idx_c = indices.contiguous();
   const int64_t n_slots = B * C;
-  const int threads = threads_for(D, 256);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   x_c.scalar_type(), "gather_tokens_cuda", [&] {
-    gather_tokens_kernel<scalar_t><<<blocks_for(n_slots), threads, 0, stream>>>(
-        x_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(),
-        out.mutable_data_ptr<scalar_t>(), n_slots, C, S, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = x_c.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    with_vec_width<scalar_t>(vectorizable<scalar_t>(D, {xp, op}), [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const RowLaunch cfg = row_launch(n_slots, D / N);
+      gather_tokens_kernel<scalar_t, N><<<cfg.grid, cfg.block, 0, stream>>>(
+          xp, idx_c.const_data_ptr<int64_t>(), op, n_slots, C, S, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -450,20 +927,28 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad_output, const at::
   const at::cuda::CUDAGuard guard(grad_output.device());
   const int64_t B = grad_output.size(0), C = grad_output.size(1), D = grad_output.size(2);
   const int64_t S = seq_len;
-  auto grad_x = at::zeros({B, S, D}, grad_output.options());
-  if (B == 0 || C == 0 || D == 0 || S == 0) return grad_x;
+  // Every element is written below (or by zero_() when no slot exists).
+  auto grad_x = at::empty({B, S, D}, grad_output.options());
+  if (B == 0 || S == 0 || D == 0) return grad_x;  // no elements
+  if (C == 0) return grad_x.zero_();
 
   const auto grad_c = grad_output.contiguous();
   const auto idx_c = indices.contiguous();
-  const int threads = threads_for(D, 128);
-  const int64_t n_chunks = (D + threads - 1) / threads;
   auto stream = at::cuda::getCurrentCUDAStream();
+  const auto row_map = build_row_map(idx_c, B, S, C, stream);
+  const int64_t n_rows = B * S;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   grad_c.scalar_type(), "gather_tokens_backward_cuda", [&] {
-    gather_tokens_backward_kernel<scalar_t><<<blocks_for(B * n_chunks), threads, 0, stream>>>(
-        grad_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(),
-        grad_x.mutable_data_ptr<scalar_t>(), B, C, S, D, n_chunks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* gp = grad_c.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    with_vec_width<scalar_t>(vectorizable<scalar_t>(D, {gp, gxp}), [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const RowLaunch cfg = row_launch(n_rows, D / N);
+      gather_tokens_backward_kernel<scalar_t, N><<<cfg.grid, cfg.block, 0, stream>>>(
+          gp, idx_c.const_data_ptr<int64_t>(), row_map.const_data_ptr<int64_t>(), gxp, n_rows,
+          C, S, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return grad_x;
 }
@@ -480,15 +965,20 @@ void scatter_rows_cuda_(at::Tensor& out, const at::Tensor& y, const at::Tensor& 
   const auto y_c = y.contiguous();
   const auto idx_c = indices.contiguous();
   const int64_t n_slots = B * C;
-  const int threads = threads_for(D, 256);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   out.scalar_type(), "scatter_add_weighted_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scatter_add_weighted_kernel<scalar_t, acc_t><<<blocks_for(n_slots), threads, 0, stream>>>(
-        y_c.const_data_ptr<scalar_t>(), idx_c.const_data_ptr<int64_t>(),
-        w_c.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), n_slots, C, S, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* yp = y_c.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    with_vec_width<scalar_t>(vectorizable<scalar_t>(D, {yp, op}), [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const RowLaunch cfg = row_launch(n_slots, D / N);
+      scatter_add_weighted_inplace_kernel<scalar_t, acc_t, N><<<cfg.grid, cfg.block, 0, stream>>>(
+          yp, idx_c.const_data_ptr<int64_t>(), w_c.const_data_ptr<acc_t>(), op, n_slots, C, S,
+          D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -498,10 +988,38 @@ at::Tensor scatter_add_weighted_cuda(const at::Tensor& x, const at::Tensor& y,
                                      const at::Tensor& indices, const at::Tensor& weights) {
   check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
   const at::cuda::CUDAGuard guard(x.device());
-  // Untouched rows are a bit-for-bit copy of x; the kernel updates the indexed rows in place.
-  auto out = at::empty(x.sizes(), x.options());
-  out.copy_(x);
-  scatter_rows_cuda_(out, y, indices, weights);
+  const int64_t B = x.size(0), S = x.size(1), D = x.size(2), C = y.size(1);
+  auto out = at::empty(x.sizes(), x.options());  // contiguous
+  if (B == 0 || S == 0 || D == 0) return out;    // no elements
+  if (C == 0) {
+    out.copy_(x);  // no slots: a bit-for-bit copy of x
+    return out;
+  }
+
+  // Untouched rows are a bit-for-bit copy of x; the kernel writes every row of out once.
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto w_c = weights.to(acc_dtype).contiguous();  // as the reference: weights.to(acc)
+  const auto x_c = x.contiguous();
+  const auto y_c = y.contiguous();
+  const auto idx_c = indices.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto row_map = build_row_map(idx_c, B, S, C, stream);
+  const int64_t n_rows = B * S;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
+                                  x_c.scalar_type(), "scatter_add_weighted_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x_c.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y_c.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    with_vec_width<scalar_t>(vectorizable<scalar_t>(D, {xp, yp, op}), [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const RowLaunch cfg = row_launch(n_rows, D / N);
+      scatter_add_weighted_kernel<scalar_t, acc_t, N><<<cfg.grid, cfg.block, 0, stream>>>(
+          xp, yp, idx_c.const_data_ptr<int64_t>(), w_c.const_data_ptr<acc_t>(),
+          row_map.const_data_ptr<int64_t>(), op, n_rows, C, S, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
   return out;
 }
 
@@ -540,18 +1058,22 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cuda(
   const auto idx_c = indices.contiguous();
   const auto w_c = weights.to(acc_dtype).contiguous();
   const int64_t n_slots = B * C;
-  const int threads = threads_for(D, 256);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   grad_c.scalar_type(), "scatter_add_weighted_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scatter_add_weighted_backward_kernel<scalar_t, acc_t>
-        <<<blocks_for(n_slots), threads, 0, stream>>>(
-            grad_c.const_data_ptr<scalar_t>(), y_c.const_data_ptr<scalar_t>(),
-            idx_c.const_data_ptr<int64_t>(), w_c.const_data_ptr<acc_t>(),
-            grad_y.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<acc_t>(), n_slots, C,
-            S, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* gp = grad_c.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y_c.const_data_ptr<scalar_t>();
+    scalar_t* gyp = grad_y.mutable_data_ptr<scalar_t>();
+    with_vec_width<scalar_t>(vectorizable<scalar_t>(D, {gp, yp, gyp}), [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const RowLaunch cfg = row_launch(n_slots, D / N);
+      scatter_add_weighted_backward_kernel<scalar_t, acc_t, N>
+          <<<cfg.grid, cfg.block, 0, stream>>>(
+              gp, yp, idx_c.const_data_ptr<int64_t>(), w_c.const_data_ptr<acc_t>(), gyp,
+              grad_w.mutable_data_ptr<acc_t>(), n_slots, C, S, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {grad_y, grad_w.to(weights.scalar_type())};
 }
