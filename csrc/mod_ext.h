@@ -1,6 +1,6 @@
 // Shared declarations and argument checks for the mod_ext routing ops.
 //
-// Shapes follow one convention everywhere (see MOD_SPEC.md):
+// Shapes follow one convention everywhere (see docs/MOD_SPEC.md):
 //   x             (B, S, D)  hidden states
 //   router_logits (B, S)     router logits / predictor scores
 //   indices       (B, C)     int64 token positions of the C = capacity slots

@@ -2,7 +2,7 @@
 //
 // Backend files (routing_cpu.cpp, cuda/routing_cuda.cu) only add kernels with
 // TORCH_LIBRARY_IMPL; fake kernels and autograd are registered from Python in
-// mod_ext/ops.py with torch.library. Semantics: ../shared/MOD_SPEC.md and the
+// mod_ext/ops.py with torch.library. Semantics: docs/MOD_SPEC.md and the
 // docstrings in mod_ext/ops.py.
 #include <Python.h>
 #include <torch/library.h>

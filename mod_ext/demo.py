@@ -82,6 +82,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # Fail before training, not after it.
+    for name in ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "eval_batches",
+                 "n_evals", "passage_chars", "threads", "mod_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.sample_tokens < 0:
+        p.error(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
+        p.error(f"--d-model ({args.d_model}) must be a multiple of --n-head ({args.n_head}) "
+                "with an even head size (rotary embeddings)")
+    if args.mod_every > args.n_layer:
+        p.error(f"--mod-every {args.mod_every} > --n-layer {args.n_layer}: the MoD model would have "
+                "no MoD layer (layers i with i % mod_every == mod_every - 1 are MoD)")
+    if not 0 < args.capacity_factor <= 1:
+        p.error(f"--capacity-factor must be in (0, 1], got {args.capacity_factor}")
+    if args.data is not None and not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file")
     return args
 
 
@@ -273,7 +290,8 @@ def summary_table(report: Dict) -> str:
         ("training wall-clock", f"{d['train_wall_s']:.1f} s", f"{m['train_wall_s']:.1f} s"),
         ("val loss (top-k routing)", f"{d['val_loss']:.4f}", f"{m['val_loss']:.4f}"),
         ("val loss (causal routing)", "-", f"{m['causal_val_loss']:.4f}"),
-        ("predictor accuracy / recall", "-", f"{m['predictor_accuracy']:.3f} / {m['predictor_recall']:.3f}"),
+        (f"{report['config']['causal_router']} accuracy / recall (held-out)", "-",
+         f"{m['predictor_accuracy']:.3f} / {m['predictor_recall']:.3f}"),
     ]
     c = report["config"]
     head = (f"Dense vs MoD (capacity {c['capacity_factor']}, every {c['mod_every']} layers) on {c['corpus']}; "

@@ -2,7 +2,7 @@
 
 ``mod_block`` is the functional form (one MoD layer around any block update ``f``);
 ``MoDBlock`` is the ``nn.Module`` that owns the router, the predictor and a user block.
-Semantics: MOD_SPEC.md sections 1-3; Raposo et al. 2024 (arXiv 2404.02258),
+Semantics: docs/MOD_SPEC.md sections 1-3; Raposo et al. 2024 (arXiv 2404.02258),
 Sections 3.1-3.5. Nothing here synchronises with the host, so it traces with
 ``torch.compile(fullgraph=True)`` and captures in CUDA graphs.
 """
@@ -44,7 +44,7 @@ class MoDOutput(NamedTuple):
 
 
 def capacity_for(seq_len: int, capacity_factor: float) -> int:
-    """Capacity ``k = min(S, max(1, ceil(c * S)))`` of a MoD layer (MOD_SPEC section 1.2).
+    """Capacity ``k = min(S, max(1, ceil(c * S)))`` of a MoD layer (docs/MOD_SPEC.md section 1.2).
 
     Args:
         seq_len: S, the sequence length (int >= 1).
@@ -57,8 +57,12 @@ def capacity_for(seq_len: int, capacity_factor: float) -> int:
     Raises:
         ValueError: seq_len < 1 or capacity_factor not a positive finite number.
     """
-    if isinstance(seq_len, bool) or int(seq_len) != seq_len or seq_len < 1:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"mod_ext.capacity_for: seq_len must be an int >= 1, got {seq_len!r}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise ValueError(
+            f"mod_ext.capacity_for: capacity_factor must be a positive number, got {capacity_factor!r}"
+        )
     c = float(capacity_factor)
     if not math.isfinite(c) or c <= 0:
         raise ValueError(
@@ -68,7 +72,9 @@ def capacity_for(seq_len: int, capacity_factor: float) -> int:
     return min(seq_len, max(1, math.ceil(round(c * seq_len, 9))))
 
 
-def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation):
+def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation, capacity):
+    if not isinstance(x, torch.Tensor) or not isinstance(router_weight, torch.Tensor):
+        raise ValueError("mod_ext.mod_block: x and router_weight must be torch tensors")
     if x.dim() != 3 or not x.is_floating_point():
         raise ValueError(
             f"mod_ext.mod_block: x must be a floating-point tensor of shape (B, S, D), got "
@@ -79,6 +85,8 @@ def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing,
         raise ValueError(
             f"mod_ext.mod_block: router_weight must have shape (D,) = ({D},), got {tuple(router_weight.shape)}"
         )
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
+        raise ValueError(f"mod_ext.mod_block: capacity must be an int in [1, S] or None, got {capacity!r}")
     if router_bias is not None and router_bias.numel() != 1:
         raise ValueError(
             f"mod_ext.mod_block: router_bias must be a scalar tensor, got shape {tuple(router_bias.shape)}"
@@ -118,8 +126,10 @@ def mod_block(
 ) -> MoDOutput:
     """One Mixture-of-Depths layer: ``x' = x + r * f(x~)`` on the routed tokens only.
 
-    Steps (MOD_SPEC section 1): router logits ``z = x @ router_weight (+ bias)`` in
-    float32; route C = capacity tokens per row; gather them in position order; run
+    Steps (docs/MOD_SPEC.md section 1): router logits ``z = x @ router_weight (+ bias)``
+    in float32 (float64 for float64 x; the routing decision itself is always made on
+    the float32-rounded logits, so two float64 logits closer than float32 resolution
+    tie and go to the lower position); route C = capacity tokens per row; gather them in position order; run
     ``f = block_fn(x_sel, positions, slot_mask)``; add ``r * f`` back onto the routed
     rows, with ``r = act(z)`` for routed slots and 0 for padding slots. Tokens that
     are not routed pass through bit for bit.
@@ -134,7 +144,8 @@ def mod_block(
             slot_mask is False. Its output is cast to x.dtype.
         capacity: slots per row C, 1 <= C <= S. Default ``capacity_for(S, capacity_factor)``.
         capacity_factor: c, used when capacity is None (paper: 0.125).
-        router_bias: optional scalar bias added to the router logits.
+        router_bias: optional scalar bias added to the router logits (a 1-element
+            tensor, differentiable, or a Python number).
         valid: optional (B, S) bool; invalid tokens are never routed (padding).
         router_activation: "sigmoid" (bounded router weight) or "identity" (the
             paper's raw scalar ``r = w_r . x``).
@@ -156,12 +167,14 @@ def mod_block(
         ValueError: bad shapes, dtypes or option strings (the message names the argument).
         RuntimeError: from the ops, e.g. capacity outside [1, S].
     """
-    _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation)
+    if router_bias is not None and not isinstance(router_bias, torch.Tensor):
+        router_bias = torch.as_tensor(router_bias, dtype=torch.float32)
+    _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation, capacity)
     B, S, D = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     router_logits = torch.matmul(x.to(acc), router_weight.to(acc))  # (B, S)
     if router_bias is not None:
-        router_logits = router_logits + router_bias.to(acc).reshape(())
+        router_logits = router_logits + router_bias.to(device=x.device, dtype=acc).reshape(())
     if capacity is None:
         capacity = capacity_for(S, capacity_factor)
 
@@ -174,19 +187,24 @@ def mod_block(
 
     logits_sel = router_logits.gather(1, indices)  # (B, C)
     r = torch.sigmoid(logits_sel) if router_activation == "sigmoid" else logits_sel
-    r = torch.where(slot_mask, r, torch.zeros_like(r))  # padding slots change nothing
+    r = torch.where(slot_mask, r, torch.zeros_like(r))  # padding slots: router weight 0
 
     x_sel = gather_tokens(x, indices)  # (B, C, D)
     f = block_fn(x_sel, indices, slot_mask)
-    if f.shape != x_sel.shape:
+    if not isinstance(f, torch.Tensor) or f.shape != x_sel.shape:
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
         raise ValueError(
             f"mod_ext.mod_block: block_fn must return the update of shape (B, C, D) = "
-            f"{tuple(x_sel.shape)}, got {tuple(f.shape)}"
+            f"{tuple(x_sel.shape)} as a tensor, got {got}"
         )
+    # A padding slot's update must change nothing, even if the block returned NaN/inf
+    # there: with f = -0.0 and r = 0 the update is 0 * -0.0 = -0.0, and x + -0.0 == x
+    # bit for bit for every x (including -0.0 and NaN).
+    f = torch.where(slot_mask.unsqueeze(-1), f.to(x.dtype), torch.full_like(x_sel, -0.0))
     if torch.is_grad_enabled():
-        out = scatter_add_weighted(x, f.to(x.dtype), indices, r)
+        out = scatter_add_weighted(x, f, indices, r)
     else:  # inference: update the C routed rows of x in place, no copy of the hidden state
-        out = scatter_add_weighted_(x, f.to(x.dtype), indices, r)
+        out = scatter_add_weighted_(x, f, indices, r)
     return MoDOutput(out, router_logits, indices, slot_mask, r)
 
 
@@ -194,7 +212,7 @@ def topk_targets(router_logits: Tensor, indices: Tensor) -> Tensor:
     """(B, S) float 0/1 targets: 1 at the positions in ``indices`` (per row), else 0.
 
     Built per row with ``scatter`` on dim 1, never on a flattened (B*S) tensor
-    (MOD_SPEC section 6).
+    (docs/MOD_SPEC.md section 6).
     """
     return torch.zeros_like(router_logits).scatter(1, indices, 1.0)
 
@@ -418,9 +436,14 @@ class MoDBlock(nn.Module):
         mode = routing or self.routing
         if mode not in ("topk", "causal"):
             raise ValueError(f"MoDBlock: routing must be 'topk' or 'causal', got {mode!r}")
-        if positions is not None and positions.shape != x.shape[:2]:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
-                f"MoDBlock: positions must have shape (B, S) = {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
+                f"MoDBlock: x must have shape (B, S, D) with D = d_model = {self.d_model}, got {tuple(x.shape)}"
+            )
+        if positions is not None and (positions.shape != x.shape[:2] or positions.dtype != torch.int64):
+            raise ValueError(
+                f"MoDBlock: positions must be an int64 tensor of shape (B, S) = {tuple(x.shape[:2])}, "
+                f"got {positions.dtype} {tuple(positions.shape)}"
             )
         block_fn = self._block_fn(positions)
         pred = self.predictor(x) if self.predictor is not None else None  # (B, S), x detached

@@ -7,7 +7,7 @@ SwiGLU MLP, causal attention via ``F.scaled_dot_product_attention``. Every
 (paper: 12.5% on every other layer). ``mod_every=0`` gives the dense baseline with
 the same parameters minus the routers/predictors.
 
-Semantics: MOD_SPEC.md sections 1, 3, 6; Raposo et al. 2024 (arXiv 2404.02258).
+Semantics: docs/MOD_SPEC.md sections 1, 3, 6; Raposo et al. 2024 (arXiv 2404.02258).
 """
 
 from __future__ import annotations
@@ -315,6 +315,7 @@ class MoDTransformer(nn.Module):
         return float(total)
 
     @torch.no_grad()
+    @torch.no_grad()
     def generate(
         self,
         idx: Tensor,
@@ -329,7 +330,14 @@ class MoDTransformer(nn.Module):
         Recomputes the whole (cropped to block_size) context each step (no KV cache).
         MoD layers route causally (``cfg.causal_router``: predictor or router logit > 0),
         which never looks at future tokens; routing="topk" is allowed but not causal.
+
+        Raises:
+            ValueError: idx is not (B, T) int64 with T >= 1.
         """
+        if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.int64:
+            raise ValueError(
+                f"generate: idx must be a (B, T) int64 prompt with T >= 1, got {idx.dtype} {tuple(idx.shape)}"
+            )
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.cfg.block_size:]
             logits, _ = self(idx_cond, routing=routing)

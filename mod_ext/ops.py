@@ -188,6 +188,23 @@ def _gather_tokens_backward_fake(grad_output, indices, seq_len):
     return grad_output.new_empty((grad_output.shape[0], seq_len, grad_output.shape[2]))
 
 
+# Double backward: gather_tokens_backward is linear in grad_output, and its adjoint is a
+# gather, so gradients of gradients (gradient penalties, Hessian-vector products) are exact.
+def _gather_bwd_setup_context(ctx, inputs, output):
+    _, indices, _ = inputs
+    ctx.save_for_backward(indices)
+
+
+def _gather_bwd_backward(ctx, grad_grad_x):
+    (indices,) = ctx.saved_tensors
+    return gather_tokens(grad_grad_x, indices), None, None
+
+
+torch.library.register_autograd(
+    "mod_ext::gather_tokens_backward", _gather_bwd_backward, setup_context=_gather_bwd_setup_context
+)
+
+
 def _gather_tokens_setup_context(ctx, inputs, output):
     x, indices = inputs
     ctx.seq_len = x.shape[1]
@@ -274,6 +291,44 @@ def _scatter_add_weighted_backward_fake(grad_output, y, indices, weights):
     return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(
         weights, memory_format=torch.contiguous_format
     )
+
+
+# Double backward of the scatter. With g = grad_output, g_sel = g[b, idx] and incoming
+# gradients (a, c) of (grad_y = w * g_sel, grad_w = <g_sel, y>):
+#   d/dg = scatter of (w * a + c * y) to idx,  d/dy = c * g_sel,  d/dw = <a, g_sel>.
+def _scatter_bwd_setup_context(ctx, inputs, output):
+    grad_output, y, indices, weights = inputs
+    ctx.seq_len = grad_output.shape[1]
+    ctx.save_for_backward(grad_output, y, indices, weights)
+
+
+def _scatter_bwd_backward(ctx, a, c):
+    g, y, indices, w = ctx.saved_tensors
+    need_g, need_y, _, need_w = ctx.needs_input_grad
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    a = torch.zeros_like(y) if a is None else a
+    c = torch.zeros_like(w) if c is None else c
+    grad_g = grad_y = grad_w = None
+    if need_g:
+        upd = w.to(acc).unsqueeze(-1) * a.to(acc) + c.to(acc).unsqueeze(-1) * y.to(acc)
+        grad_g = gather_tokens_backward_op(upd.to(g.dtype), indices, ctx.seq_len)
+    if need_y or need_w:
+        g_sel = gather_tokens(g, indices).to(acc)  # (B, C, D)
+        if need_y:
+            grad_y = (c.to(acc).unsqueeze(-1) * g_sel).to(y.dtype)
+        if need_w:
+            grad_w = (a.to(acc) * g_sel).sum(-1).to(w.dtype)
+    return grad_g, grad_y, None, grad_w
+
+
+def gather_tokens_backward_op(grad_output: Tensor, indices: Tensor, seq_len: int) -> Tensor:
+    """``zeros(B, seq_len, D)`` with ``grad_output[b, j]`` added at row ``indices[b, j]``."""
+    return _ops.gather_tokens_backward.default(grad_output, indices, seq_len)
+
+
+torch.library.register_autograd(
+    "mod_ext::scatter_add_weighted_backward", _scatter_bwd_backward, setup_context=_scatter_bwd_setup_context
+)
 
 
 def _scatter_setup_context(ctx, inputs, output):

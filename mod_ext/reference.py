@@ -3,7 +3,7 @@
 Each function here states the semantics of the op of the same name in a few
 lines of stock PyTorch, with no attempt at speed. The tests compare the compiled
 kernels against these; readers should start here before reading ``csrc/``.
-Source: ``MOD_SPEC.md`` sections 1-3 (Raposo et al. 2024, arXiv 2404.02258,
+Source: ``docs/MOD_SPEC.md`` sections 1-3 (Raposo et al. 2024, arXiv 2404.02258,
 Sections 3.1-3.5).
 """
 

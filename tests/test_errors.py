@@ -320,3 +320,34 @@ def test_compiled_route_capacity_error_names_capacity():
     with pytest.raises(Exception, match="capacity"):
         f(torch.randn(2, 8))
     torch._dynamo.reset()
+
+
+def test_mod_block_argument_types():
+    x = torch.randn(2, 8, 4)
+    w = torch.randn(4)
+    f = lambda xs, p, m: xs  # noqa: E731
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        mod_ext.mod_block(x, w, f, capacity=2.5)
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        mod_ext.mod_block(x, w, f, capacity=True)
+    with pytest.raises(ValueError, match="block_fn must return the update"):
+        mod_ext.mod_block(x, w, lambda xs, p, m: (xs,))
+    with pytest.raises(ValueError, match="x and router_weight must be torch tensors"):
+        mod_ext.mod_block(x.numpy(), w, f)
+    # a plain number is a valid router bias and equals the tensor form
+    a = mod_ext.mod_block(x, w, f, router_bias=0.5, capacity=3)
+    b = mod_ext.mod_block(x, w, f, router_bias=torch.tensor(0.5), capacity=3)
+    assert torch.equal(a.output, b.output) and torch.equal(a.router_logits, b.router_logits)
+    for bad in (None, "0.5", True):
+        with pytest.raises(ValueError, match="capacity_factor"):
+            mod_ext.capacity_for(8, bad)
+    with pytest.raises(ValueError, match="seq_len"):
+        mod_ext.capacity_for(8.0, 0.5)
+
+
+def test_modblock_wrong_width_and_positions():
+    blk = mod_ext.MoDBlock(torch.nn.Identity(), 4)
+    with pytest.raises(ValueError, match="d_model = 4"):
+        blk(torch.randn(1, 8, 5))
+    with pytest.raises(ValueError, match="positions must be an int64"):
+        blk(torch.randn(1, 8, 4), positions=torch.zeros(1, 8))

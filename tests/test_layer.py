@@ -56,6 +56,9 @@ def mod_block_ref(
     x_sel = R.gather_tokens_ref(x, idx)
     f = block_fn(x_sel, idx, mask).to(x.dtype)
     out = R.scatter_add_weighted_ref(x, f, idx, r)
+    # Tokens that are not routed (padding slots included) are x, bit for bit.
+    routed = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter(1, idx, mask)
+    out = torch.where(routed.unsqueeze(-1), out, x)
     return out, logits, idx, mask, r
 
 
@@ -540,3 +543,28 @@ def test_modblock_positions_and_last_scores(device):
     assert torch.equal(seen["positions"], blk.last_output.indices)
     with pytest.raises(ValueError, match="positions"):
         blk(x, positions=offset[:, :-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_padding_slots_leave_tokens_bit_identical(grad, device):
+    """A padding slot's update is discarded even when the block returns NaN/inf there
+    (e.g. a masked softmax over no keys) and even for -0.0 in x."""
+    B, S, D, C = 2, 8, 4, 4
+    x = torch.randn(B, S, D)
+    x[1, 2:] = -0.0  # the invalid tokens that will fill row 1's padding slots
+    x[1, 3, 0] = float("nan")
+    x = x.to(device)
+    valid = torch.ones(B, S, dtype=torch.bool, device=device)
+    valid[1, 2:] = False
+    w_r = torch.randn(D, device=device)
+
+    def block_fn(xs, pos, mask):
+        f = torch.tanh(xs)
+        return torch.where(mask.unsqueeze(-1), f, torch.full_like(f, float("nan")))
+
+    with torch.set_grad_enabled(grad):
+        out = mod_ext.mod_block(x.clone(), w_r, block_fn, capacity=C, valid=valid)
+    assert out.slot_mask[1].sum() == 2
+    assert_bitwise_equal(out.output[1, 2:], x[1, 2:], "padding tokens")
+    assert torch.isfinite(out.output[0]).all() and torch.isfinite(out.output[1, :2]).all()

@@ -851,3 +851,26 @@ def test_cuda_ops_keep_device_and_stream():
         idx, mask = mod_ext.topk_route(ld, 100)
     s.synchronize()
     assert_routing_equal((idx, mask), R.topk_route_ref(logits, 100), "topk on a side stream")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_gradgradcheck(device):
+    """Gradients of gradients are exact (gradient penalties, Hessian-vector products),
+    not silently None."""
+    g = gen(21)
+    B, S, D, C = 2, 7, 3, 3
+    x = torch.randn(B, S, D, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randn(B, C, D, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.rand(B, C, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    idx = rand_indices(B, S, C, g).to(device)
+    dup = torch.tensor([[1, 1, 5], [0, 0, 0]], device=device)
+    assert torch.autograd.gradgradcheck(lambda t: mod_ext.gather_tokens(t, idx), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: mod_ext.gather_tokens(t, dup), (x,))
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, c: mod_ext.scatter_add_weighted(a, b, idx, c), (x, y, w)
+    )
+    # the mixed second derivative d(grad_w)/dy is the output gradient itself
+    out = mod_ext.scatter_add_weighted(x, y, idx, w)
+    (gw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    (gy,) = torch.autograd.grad(gw.sum(), y)
+    assert gy.abs().sum() > 0

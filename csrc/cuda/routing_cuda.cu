@@ -1,5 +1,5 @@
 // CUDA kernels for the mod_ext routing ops (semantics: ../../mod_ext/reference.py and
-// ../../../shared/MOD_SPEC.md). Registered for the CUDA dispatch key at the bottom.
+// docs/MOD_SPEC.md). Registered for the CUDA dispatch key at the bottom.
 //
 // Common rules:
 //   * Inputs are made contiguous on the host; outputs are contiguous.
