@@ -7,10 +7,13 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/irange.h>
+
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
-#include <numeric>
+#include <functional>
 #include <tuple>
 #include <vector>
 
@@ -20,23 +23,126 @@ namespace {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-inline int64_t grain_for(int64_t work_per_row) {
-  // Aim for ~32k elements of work per task so small rows are batched together.
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
+// Rows per task so that each task moves at least ~32 KB (elementwise row loops).
+inline int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
 }
 
-// Reads a row of router logits (any of fp32/bf16/fp16) as float32 into `dst`.
+// route_key of mod_ext.h without branches (the same value bit for bit), so the loop
+// that builds a row's keys has no data-dependent jumps.
+inline uint64_t route_key_branchless(float value, bool valid, int64_t position) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  const uint64_t is_nan = magnitude > 0x7f800000u;
+  bits = magnitude == 0u ? 0u : bits;  // -0.0 ties with +0.0
+  // float_order_key: negative -> ~bits, positive -> bits | sign bit.
+  const uint32_t order = bits ^ (static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u);
+  const uint64_t cls = valid ? 2u - is_nan : 0u;
+  const uint64_t vkey = cls == 2u ? order : 0u;
+  return (cls << 62) | (vkey << 30) | static_cast<uint64_t>((kMaxSeqLen - 1) - position);
+}
+
+// Radix select over unique 64-bit keys with 11-bit digits. Each pass uses the 11 bits
+// just below the highest bit in which the remaining candidates still differ, so a row of
+// equal logits (keys that differ only in their position bits) takes one or two passes,
+// not six.
+constexpr int kDigitBits = 11;
+constexpr uint32_t kBuckets = 1u << kDigitBits;
+constexpr int64_t kSmallSelect = 96;  // below this, nth_element beats another pass
+
+// The bits in which a set of keys differ: OR ^ AND over the set.
+struct VaryingBits {
+  uint64_t any = 0, all = ~uint64_t(0);
+  void add(uint64_t key) { any |= key, all &= key; }
+  void add_if(uint64_t key, bool cond) {  // without a branch
+    const uint64_t mask = uint64_t(0) - cond;
+    any |= key & mask, all &= key | ~mask;
+  }
+  uint64_t bits() const { return any ^ all; }
+};
+
+inline int highest_bit(uint64_t v) {  // v != 0
+  int b = 63;
+  while (!(v >> b)) --b;
+  return b;
+}
+
+// The bucket that holds the k-th largest key (k is 1-based) given a histogram of one
+// digit; on return k is the rank within that bucket.
+inline uint32_t bucket_of_kth(const uint32_t* hist, int64_t& k) {
+  uint32_t t = kBuckets - 1;
+  while (hist[t] < k) k -= hist[t--];
+  return t;
+}
+
+// The k-th largest (1 <= k <= n) of n unique keys, whose differing bits are `varying`.
+// Each pass histograms one digit of the remaining candidates and keeps only the bucket
+// holding the k-th (a few hundred candidates at most after the first pass on realistic
+// logits). `a` and `b` are scratch space for n keys each.
+uint64_t kth_largest_key(const uint64_t* keys, int64_t n, int64_t k, uint64_t varying,
+                         uint64_t* a, uint64_t* b) {
+  const uint64_t* cand = keys;
+  uint32_t hist[kBuckets];
+  while (n > kSmallSelect) {  // n > 1, so the unique keys differ somewhere: varying != 0
+    const int shift = std::max(highest_bit(varying) + 1 - kDigitBits, 0);
+    std::fill(hist, hist + kBuckets, 0u);
+    for (int64_t i = 0; i < n; ++i) ++hist[(cand[i] >> shift) & (kBuckets - 1)];
+    const uint32_t t = bucket_of_kth(hist, k);
+    // Keep the candidates of bucket t: write every key, advance only past the kept ones.
+    VaryingBits kept;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t key = cand[i];
+      const bool keep = ((key >> shift) & (kBuckets - 1)) == t;
+      a[m] = key;
+      m += keep;
+      kept.add_if(key, keep);
+    }
+    cand = a;
+    std::swap(a, b);
+    n = m;
+    varying = kept.bits();
+  }
+  if (cand == keys) cand = std::copy(keys, keys + n, a) - n;  // nth_element reorders
+  uint64_t* c = const_cast<uint64_t*>(cand);
+  std::nth_element(c, c + (k - 1), c + n, std::greater<uint64_t>());
+  return c[k - 1];
+}
+
+// One row of topk_route: writes the `capacity` selected positions in ascending order.
 template <typename scalar_t>
-void load_row(const scalar_t* src, int64_t S, float* dst) {
-  for (int64_t s = 0; s < S; ++s) dst[s] = static_cast<float>(src[s]);
+void topk_route_row(const scalar_t* logits, const bool* valid, int64_t S, int64_t capacity,
+                    uint64_t* keys, uint64_t* scratch_a, uint64_t* scratch_b, int64_t* out_idx,
+                    bool* out_mask) {
+  VaryingBits varying;
+  for (int64_t s = 0; s < S; ++s) {
+    keys[s] = route_key_branchless(static_cast<float>(logits[s]), valid ? valid[s] : true, s);
+    varying.add(keys[s]);
+  }
+  // Keys are unique, so exactly `capacity` keys are >= the capacity-th largest.
+  const uint64_t threshold =
+      kth_largest_key(keys, S, capacity, varying.bits(), scratch_a, scratch_b);
+  // Emit positions in order: write every position, advance only past the selected ones.
+  int64_t j = 0;
+  for (int64_t s = 0; s < S && j < capacity; ++s) {
+    out_idx[j] = s;
+    j += keys[s] >= threshold;
+  }
+  TORCH_INTERNAL_ASSERT(j == capacity, "topk_route_cpu: selected ", j, " != ", capacity);
+  if (valid) {
+    for (int64_t i = 0; i < capacity; ++i) out_mask[i] = valid[out_idx[i]];
+  } else {
+    std::fill(out_mask, out_mask + capacity, true);
+  }
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // topk_route: expert-choice top-k per row. Builds the unique 64-bit route_key
-// of every token, selects the `capacity` largest with nth_element (O(S)), then
-// emits their positions in ascending order with one pass over a flag array.
+// of every token, finds the capacity-th largest by radix select (O(S)), then
+// emits the positions of the keys >= it in ascending order. One row per task.
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> topk_route_cpu(const at::Tensor& router_logits,
                                                   int64_t capacity,
@@ -55,27 +161,12 @@ std::tuple<at::Tensor, at::Tensor> topk_route_cpu(const at::Tensor& router_logit
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
     const scalar_t* src = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(S), [&](int64_t begin, int64_t end) {
-      std::vector<float> values(S);
-      std::vector<uint64_t> keys(S), scratch(S);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint64_t> buf(3 * S);  // keys + two scratch arrays
       for (int64_t b = begin; b < end; ++b) {
-        load_row(src + b * S, S, values.data());
-        const bool* v = valid_ptr ? valid_ptr + b * S : nullptr;
-        for (int64_t s = 0; s < S; ++s) keys[s] = route_key(values[s], v ? v[s] : true, s);
-        // The capacity-th largest key: everything >= it is chosen (keys are unique).
-        scratch.assign(keys.begin(), keys.end());
-        std::nth_element(scratch.begin(), scratch.begin() + (capacity - 1), scratch.end(),
-                         std::greater<uint64_t>());
-        const uint64_t threshold = scratch[capacity - 1];
-        int64_t j = 0;
-        for (int64_t s = 0; s < S; ++s) {
-          if (keys[s] >= threshold) {
-            idx_ptr[b * capacity + j] = s;
-            mask_ptr[b * capacity + j] = v ? v[s] : true;
-            ++j;
-          }
-        }
-        TORCH_INTERNAL_ASSERT(j == capacity, "topk_route_cpu: selected ", j, " != ", capacity);
+        topk_route_row(src + b * S, valid_ptr ? valid_ptr + b * S : nullptr, S, capacity,
+                       buf.data(), buf.data() + S, buf.data() + 2 * S,
+                       idx_ptr + b * capacity, mask_ptr + b * capacity);
       }
     });
   });
@@ -101,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> threshold_route_cpu(const at::Tensor& scores,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "threshold_route_cpu", [&] {
     const scalar_t* src = sc.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(S), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* row = src + b * S;
         const bool* v = valid_ptr ? valid_ptr + b * S : nullptr;
@@ -136,32 +227,304 @@ std::tuple<at::Tensor, at::Tensor> threshold_route_cpu(const at::Tensor& scores,
 
 namespace {
 
-// Bounds check shared by gather and scatter (CPU only; CUDA cannot raise without a sync).
+// ---------------------------------------------------------------------------
+// Index validation and slot maps, shared by gather and scatter.
+// ---------------------------------------------------------------------------
+
+// Bounds check (CPU only; CUDA cannot raise without a sync). The scan is a branch-free
+// OR over all indices; only when it fails is the first bad index searched for the message.
 inline void check_index_range(const char* op, const at::Tensor& indices, int64_t S) {
-  if (indices.numel() == 0) return;
-  const int64_t* p = indices.data_ptr<int64_t>();
   const int64_t n = indices.numel();
+  if (n == 0) return;
+  const int64_t* p = indices.data_ptr<int64_t>();
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(p[i]) >= static_cast<uint64_t>(S);
+  if (!bad) return;
   for (int64_t i = 0; i < n; ++i) {
     MOD_CHECK(p[i] >= 0 && p[i] < S, op, ": indices must lie in [0, S) = [0, ", S,
               "), got ", p[i], " at flat position ", i);
   }
 }
 
-// Rejects duplicate indices within a row (scatter_add_weighted's contract).
-inline void check_unique_per_row(const char* op, const at::Tensor& indices, int64_t S) {
+// The slot map of (B, C) indices already known to lie in [0, S): slot[b * S + s] is the
+// first slot j with indices[b, j] == s, or -1 when no slot points at s. Lets a kernel
+// write every row of a (B, S, D) output exactly once, in parallel over rows.
+// With `unique`, a repeated position in a row is an error (scatter_add_weighted's
+// contract); otherwise `has_repeats` (size B) flags the rows that repeat a position.
+std::vector<int64_t> build_slot_map(const char* op, const at::Tensor& indices, int64_t S,
+                                    bool unique, std::vector<uint8_t>* has_repeats = nullptr) {
   const int64_t B = indices.size(0), C = indices.size(1);
-  if (B == 0 || C == 0) return;
-  const int64_t* p = indices.data_ptr<int64_t>();
-  std::vector<uint8_t> seen(S, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t* row = p + b * C;
-    for (int64_t j = 0; j < C; ++j) {
-      MOD_CHECK(!seen[row[j]], op, ": indices must be unique within each row; row ", b,
-                " repeats position ", row[j]);
-      seen[row[j]] = 1;
+  std::vector<int64_t> slot(static_cast<size_t>(B * S));
+  std::vector<int64_t> repeated(static_cast<size_t>(B), -1);  // first repeated position per row
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  // ~(S + C) steps per row; rows are batched so each task does at least ~64k steps.
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 16) / (S + C + 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t* row = slot.data() + b * S;
+      std::fill(row, row + S, int64_t(-1));
+      for (int64_t j = 0; j < C; ++j) {
+        const int64_t s = ip[b * C + j];
+        if (row[s] < 0) {
+          row[s] = j;
+        } else if (repeated[b] < 0) {
+          repeated[b] = s;
+        }
+      }
     }
-    for (int64_t j = 0; j < C; ++j) seen[row[j]] = 0;
+  });
+  // Report the first offending row, as a serial scan would.
+  for (int64_t b = 0; b < B; ++b) {
+    MOD_CHECK(!unique || repeated[b] < 0, op, ": indices must be unique within each row; row ", b,
+              " repeats position ", repeated[b]);
+    if (has_repeats) has_repeats->push_back(repeated[b] >= 0);
   }
+  return slot;
+}
+
+// The end of the run of rows that no slot points at (slot < 0) starting at r, at most `end`.
+inline int64_t unrouted_run_end(const int64_t* slot, int64_t r, int64_t end) {
+  while (r < end && slot[r] < 0) ++r;
+  return r;
+}
+
+// Outputs at least this large are copied with non-temporal stores (see copy_bytes).
+constexpr size_t kStreamBytes = size_t(4) << 20;
+
+// memcpy; with `stream` (x86-64) the bulk goes through non-temporal stores, which write
+// whole cache lines without first reading them (no read-for-ownership): a third less
+// memory traffic for a large output written once. Call stream_fence() when done.
+inline void copy_bytes(void* dst, const void* src, size_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    const size_t head = std::min(n, static_cast<size_t>(-reinterpret_cast<uintptr_t>(d) & 15));
+    std::memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    for (; n >= 64; n -= 64, d += 64, s += 64) {
+      for (int k = 0; k < 64; k += 16) {
+        _mm_stream_si128(reinterpret_cast<__m128i*>(d + k),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k)));
+      }
+    }
+    std::memcpy(d, s, n);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+// Orders this thread's non-temporal stores before whatever follows.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Rows as acc values. The row kernels below work on chunks of kChunk elements in acc
+// precision: a float32/float64 row is used in place; a float16/bfloat16 chunk is
+// converted into a small buffer first and the results converted back (one rounding).
+// float16 uses the F16C instructions where the CPU has them: the scalar conversion
+// (the extension is built for baseline x86-64) costs ~15 instructions per element.
+// ---------------------------------------------------------------------------
+constexpr int64_t kChunk = 256;
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOD_EXT_F16C 1
+// Compiled for AVX + F16C (not FMA), called only when the CPU has them.
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const at::Half* src, float* dst,
+                                                             int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  if (i < n) {  // the tail through an 8-element buffer, so it rounds the same way
+    alignas(16) at::Half h[8] = {};
+    alignas(32) float f[8];
+    std::memcpy(h, src + i, (n - i) * sizeof(at::Half));
+    _mm256_store_ps(f, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h))));
+    std::memcpy(dst + i, f, (n - i) * sizeof(float));
+  }
+}
+
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, at::Half* dst,
+                                                             int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  if (i < n) {
+    alignas(32) float f[8] = {};
+    alignas(16) at::Half h[8];
+    std::memcpy(f, src + i, (n - i) * sizeof(float));
+    _mm_store_si128(reinterpret_cast<__m128i*>(h),
+                    _mm256_cvtps_ph(_mm256_load_ps(f), _MM_FROUND_TO_NEAREST_INT));
+    std::memcpy(dst + i, h, (n - i) * sizeof(at::Half));
+  }
+}
+
+bool cpu_has_f16c() {
+  __builtin_cpu_init();  // this runs from a static initializer
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+}
+const bool kHasF16C = cpu_has_f16c();
+#endif
+
+// dst[i] = acc(src[i]) and dst[i] = round(src[i]) for n elements.
+template <typename T>
+inline void convert_to_acc(const T* src, acc_t<T>* dst, int64_t n) {
+#ifdef MOD_EXT_F16C
+  if constexpr (std::is_same_v<T, at::Half>) {
+    if (kHasF16C) return half_to_float_f16c(src, dst, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t<T>>(src[i]);
+}
+
+template <typename T>
+inline void convert_from_acc(const acc_t<T>* src, T* dst, int64_t n) {
+#ifdef MOD_EXT_F16C
+  if constexpr (std::is_same_v<T, at::Half>) {
+    if (kHasF16C) return float_to_half_f16c(src, dst, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+template <typename T>
+constexpr bool kStoredAsAcc = std::is_same_v<T, acc_t<T>>;
+
+// n values of a row in acc precision: the row itself, or converted into `buf`.
+template <typename T>
+inline const acc_t<T>* load_acc(const T* src, acc_t<T>* buf, int64_t n) {
+  if constexpr (kStoredAsAcc<T>) {
+    return src;
+  } else {
+    convert_to_acc(src, buf, n);
+    return buf;
+  }
+}
+
+// Where to compute n results for `dst`: dst itself when it is stored as acc and not
+// streamed, else `buf`; then store_acc moves them to dst (converted, or streamed).
+template <typename T>
+inline acc_t<T>* acc_target(T* dst, acc_t<T>* buf, bool stream = false) {
+  if constexpr (kStoredAsAcc<T>) {
+    return stream ? buf : dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T>
+inline void store_acc(const acc_t<T>* results, T* dst, int64_t n, bool stream = false) {
+  if constexpr (kStoredAsAcc<T>) {
+    if (stream) copy_bytes(dst, results, n * sizeof(T), true);
+  } else if (!stream) {
+    convert_from_acc(results, dst, n);
+  } else {
+    T converted[kChunk];
+    convert_from_acc(results, converted, n);
+    copy_bytes(dst, converted, n * sizeof(T), true);
+  }
+}
+
+// Tells the compiler that the memory behind `p` is read and may have changed, so values
+// stored there must really be stored and reloaded.
+inline void memory_barrier(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  asm volatile("" : : "r"(p) : "memory");
+#else
+  (void)p;
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Row kernels: one row of D elements, acc math, one rounding per element.
+// ---------------------------------------------------------------------------
+
+// dst = round(0 + src): the first gradient row landing on a position, exactly as the
+// reference's zeros().scatter_add_() computes it (so -0.0 becomes +0.0).
+template <typename scalar_t>
+void zero_plus_row(const scalar_t* src, scalar_t* dst, int64_t D) {
+  using acc = acc_t<scalar_t>;
+  acc sbuf[kChunk], obuf[kChunk];
+  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+    const int64_t n = std::min(kChunk, D - d0);
+    const acc* s = load_acc(src + d0, sbuf, n);
+    acc* o = acc_target(dst + d0, obuf);
+    for (int64_t d = 0; d < n; ++d) o[d] = acc(0) + s[d];
+    store_acc(o, dst + d0, n);
+  }
+}
+
+// dst = round(dst + src).
+template <typename scalar_t>
+void accumulate_row(const scalar_t* src, scalar_t* dst, int64_t D) {
+  using acc = acc_t<scalar_t>;
+  acc sbuf[kChunk], dbuf[kChunk];
+  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+    const int64_t n = std::min(kChunk, D - d0);
+    const acc* s = load_acc(src + d0, sbuf, n);
+    const acc* old = load_acc(dst + d0, dbuf, n);
+    acc* o = acc_target(dst + d0, dbuf);
+    for (int64_t d = 0; d < n; ++d) o[d] = old[d] + s[d];
+    store_acc(o, dst + d0, n);
+  }
+}
+
+// dst = round(x + round_acc(w * y)); dst may be x (in place). The product is rounded
+// to acc on its own, exactly like the reference (a product tensor, then scatter_add)
+// and the CUDA kernel (__fmul_rn then __fadd_rn); fused into an FMA it would round
+// differently. GCC's default -ffp-contract=fast fuses `x + w * y` (even across
+// statements) wherever the target has FMA (aarch64, x86 with -march=native), so each
+// chunk of products goes through memory behind a compiler barrier, then is added.
+template <typename scalar_t>
+void weighted_add_row(const scalar_t* x, const scalar_t* y, acc_t<scalar_t> w, scalar_t* dst,
+                      int64_t D, bool stream) {
+  using acc = acc_t<scalar_t>;
+  acc prod[kChunk], xbuf[kChunk], ybuf[kChunk];
+  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+    const int64_t n = std::min(kChunk, D - d0);
+    const acc* yv = load_acc(y + d0, ybuf, n);
+    for (int64_t d = 0; d < n; ++d) prod[d] = w * yv[d];
+    memory_barrier(prod);
+    const acc* xv = load_acc(x + d0, xbuf, n);
+    acc* o = acc_target(dst + d0, xbuf, stream);
+    for (int64_t d = 0; d < n; ++d) o[d] = xv[d] + prod[d];
+    store_acc(o, dst + d0, n, stream);
+  }
+}
+
+// grad_y = round(w * g) and returns <g, y> in acc precision. The dot product keeps
+// kLanes independent partial sums so it vectorizes (its order differs from a serial
+// sum; the weight gradient is compared with a tolerance).
+template <typename scalar_t>
+acc_t<scalar_t> scale_and_dot_row(const scalar_t* g, const scalar_t* y, acc_t<scalar_t> w,
+                                  scalar_t* grad_y, int64_t D) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t kLanes = 16;
+  acc gbuf[kChunk], ybuf[kChunk], obuf[kChunk];
+  acc part[kLanes] = {};
+  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+    const int64_t n = std::min(kChunk, D - d0);
+    const acc* gv = load_acc(g + d0, gbuf, n);
+    const acc* yv = load_acc(y + d0, ybuf, n);
+    acc* o = acc_target(grad_y + d0, obuf);
+    for (int64_t d = 0; d < n; ++d) o[d] = w * gv[d];
+    store_acc(o, grad_y + d0, n);
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) part[l] += gv[d + l] * yv[d + l];
+    }
+    for (; d < n; ++d) part[d % kLanes] += gv[d] * yv[d];
+  }
+  acc sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
 }
 
 }  // namespace
@@ -173,18 +536,15 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& indices) {
   check_gather_args(x, indices);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), C = indices.size(1);
   auto out = at::empty({B, C, D}, x.options());
-  if (out.numel() == 0) {
-    check_index_range("gather_tokens", indices.contiguous(), S);
-    return out;
-  }
-  const auto xc = x.contiguous();
   const auto idx = indices.contiguous();
   check_index_range("gather_tokens", idx, S);
+  if (out.numel() == 0) return out;
+  const auto xc = x.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
   const char* src = static_cast<const char*>(xc.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, B * C, grain_for(D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / C;
       std::memcpy(dst + i * row_bytes, src + (b * S + ip[i]) * row_bytes, row_bytes);
@@ -195,46 +555,112 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& indices) {
 
 // ---------------------------------------------------------------------------
 // gather_tokens_backward: grad_x = 0; grad_x[b, indices[b, j]] += grad_output[b, j].
-// Rows are processed in slot order, so repeated indices accumulate correctly.
+// One pass over the (B, S) rows of grad_x, in blocks of ~64 KB: zero the block with one
+// memset (fast string stores, no read of the old contents), then overwrite its routed
+// rows, still in cache, with 0 + their first slot's gradient. Rows that repeat a
+// position then add the later slots' gradients in slot order (as the reference's
+// scatter_add does).
 // ---------------------------------------------------------------------------
 at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
                                       int64_t seq_len) {
   check_gather_backward_args(grad_output, indices, seq_len);
   const int64_t B = grad_output.size(0), C = grad_output.size(1), D = grad_output.size(2);
   const int64_t S = seq_len;
-  auto grad_x = at::zeros({B, S, D}, grad_output.options());
   const auto idx = indices.contiguous();
   check_index_range("gather_tokens_backward", idx, S);
-  if (grad_output.numel() == 0) return grad_x;
+  if (grad_output.numel() == 0) return at::zeros({B, S, D}, grad_output.options());
+  auto grad_x = at::empty({B, S, D}, grad_output.options());
+  std::vector<uint8_t> has_repeats;
+  const auto slot = build_slot_map("gather_tokens_backward", idx, S, /*unique=*/false, &has_repeats);
+  const bool any_repeats = std::find(has_repeats.begin(), has_repeats.end(), 1) != has_repeats.end();
   const auto g = grad_output.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_tokens_backward_cpu", [&] {
-    using acc = acc_t<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* op = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(C * D), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t j = 0; j < C; ++j) {
-          const scalar_t* src = gp + (b * C + j) * D;
-          scalar_t* dst = op + (b * S + ip[b * C + j]) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dst[d] = static_cast<scalar_t>(static_cast<acc>(dst[d]) + static_cast<acc>(src[d]));
-          }
+    // Every row of grad_x: zeros, or 0 + its first slot's gradient.
+    at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+      const int64_t block = std::max<int64_t>(1, 65536 / (D * sizeof(scalar_t)));
+      for (int64_t r0 = begin; r0 < end; r0 += block) {
+        const int64_t r1 = std::min(end, r0 + block);
+        std::memset(op + r0 * D, 0, (r1 - r0) * D * sizeof(scalar_t));
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t j = slot[r];
+          if (j >= 0) zero_plus_row(gp + ((r / S) * C + j) * D, op + r * D, D);
         }
       }
     });
+    // Rows with repeated positions: add the later slots, in slot order.
+    if (any_repeats) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          if (!has_repeats[b]) continue;
+          for (int64_t j = 0; j < C; ++j) {
+            const int64_t s = ip[b * C + j];
+            if (slot[b * S + s] != j) accumulate_row(gp + (b * C + j) * D, op + (b * S + s) * D, D);
+          }
+        }
+      });
+    }
   });
   return grad_x;
 }
 
 // ---------------------------------------------------------------------------
 // scatter_add_weighted: out = x; out[b, idx] = round(x[b, idx] + w[b, j] * y[b, j]).
+// One pass over the (B, S) rows of out, via the slot map, writes every row once:
+// x + w * y for a routed row, a copy of x for each run of the others. An output of
+// kStreamBytes or more is written with non-temporal stores.
+// ---------------------------------------------------------------------------
+at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
+                                    const at::Tensor& indices, const at::Tensor& weights) {
+  check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
+  const int64_t B = x.size(0), S = x.size(1), D = x.size(2), C = indices.size(1);
+  const auto idx = indices.contiguous();
+  check_index_range("scatter_add_weighted", idx, S);
+  const auto slot = build_slot_map("scatter_add_weighted", idx, S, /*unique=*/true);
+  const auto xc = x.contiguous();
+  auto out = at::empty({B, S, D}, x.options());
+  if (out.numel() == 0) return out;
+  const auto yc = y.contiguous();
+  const bool is_double = x.scalar_type() == at::kDouble;
+  const auto w = weights.to(is_double ? at::kDouble : at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_weighted_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* yp = yc.data_ptr<scalar_t>();
+    const acc* wp = w.data_ptr<acc>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // Unrouted rows are bit-identical copies of x (NaN payloads included).
+    const bool stream = out.nbytes() >= kStreamBytes;
+    at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {
+        const int64_t j = slot[r];
+        if (j < 0) {  // a run of unrouted rows: one copy
+          const int64_t e = unrouted_run_end(slot.data(), r, end);
+          copy_bytes(op + r * D, xp + r * D, (e - r) * D * sizeof(scalar_t), stream);
+          r = e;
+        } else {
+          const int64_t i = (r / S) * C + j;
+          weighted_add_row(xp + r * D, yp + i * D, wp[i], op + r * D, D, stream);
+          ++r;
+        }
+      }
+      stream_fence();
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// scatter_add_weighted_: the in-place variant for inference: only the routed rows of
+// x are read and written (no copy of x).
 // ---------------------------------------------------------------------------
 namespace {
 
 // out[b, idx] = round(out[b, idx] + w[b, j] * y[b, j]) for every slot; `out` is
-// contiguous (B, S, D) and is updated in place. Indices are already range- and
-// uniqueness-checked, so slots of a row write disjoint rows.
+// contiguous (B, S, D). Indices are already range- and uniqueness-checked, so the
+// slots of a row write disjoint rows.
 void scatter_rows_cpu_(at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
                        const at::Tensor& weights) {
   const int64_t B = out.size(0), S = out.size(1), D = out.size(2), C = idx.size(1);
@@ -248,22 +674,10 @@ void scatter_rows_cpu_(at::Tensor& out, const at::Tensor& y, const at::Tensor& i
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     const acc* wp = w.data_ptr<acc>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, grain_for(D), [&](int64_t begin, int64_t end) {
-      // The product w * y is rounded to acc and stored before the add, in a separate
-      // loop: written as one expression `x + w * y`, GCC (whose default in C++ is
-      // -ffp-contract=fast) fuses it into an FMA wherever the target has one (aarch64,
-      // x86 with -march=native), which rounds differently from the reference (product
-      // tensor, then scatter_add) and from the CUDA kernel (__fmul_rn / __fadd_rn).
-      std::vector<acc> prod(static_cast<size_t>(D));
+    at::parallel_for(0, B * C, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / C;
-        const acc wi = wp[i];
-        const scalar_t* src = yp + i * D;
-        scalar_t* dst = op + (b * S + ip[i]) * D;
-        for (int64_t d = 0; d < D; ++d) prod[d] = wi * static_cast<acc>(src[d]);
-        for (int64_t d = 0; d < D; ++d) {
-          dst[d] = static_cast<scalar_t>(static_cast<acc>(dst[d]) + prod[d]);
-        }
+        scalar_t* row = op + ((i / C) * S + ip[i]) * D;
+        weighted_add_row(row, yp + i * D, wp[i], row, D, /*stream=*/false);
       }
     });
   });
@@ -271,27 +685,13 @@ void scatter_rows_cpu_(at::Tensor& out, const at::Tensor& y, const at::Tensor& i
 
 }  // namespace
 
-at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
-                                    const at::Tensor& indices, const at::Tensor& weights) {
-  check_scatter_args("scatter_add_weighted", x, "x", y, indices, weights);
-  const auto idx = indices.contiguous();
-  check_index_range("scatter_add_weighted", idx, x.size(1));
-  check_unique_per_row("scatter_add_weighted", idx, x.size(1));
-  auto out = x.contiguous().clone();  // unrouted rows: bit-identical copies of x
-  scatter_rows_cpu_(out, y, idx, weights);
-  return out;
-}
-
-// ---------------------------------------------------------------------------
-// scatter_add_weighted_: the in-place variant for inference (no copy of x).
-// ---------------------------------------------------------------------------
 void scatter_add_weighted__cpu(at::Tensor& x, const at::Tensor& y,
                                  const at::Tensor& indices, const at::Tensor& weights) {
   check_scatter_args("scatter_add_weighted_", x, "x", y, indices, weights);
   check_inplace_args(x, y, weights);
   const auto idx = indices.contiguous();
   check_index_range("scatter_add_weighted_", idx, x.size(1));
-  check_unique_per_row("scatter_add_weighted_", idx, x.size(1));
+  build_slot_map("scatter_add_weighted_", idx, x.size(1), /*unique=*/true);  // the check only
   if (x.is_contiguous()) {
     scatter_rows_cpu_(x, y, idx, weights);
   } else {
@@ -330,20 +730,10 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cpu(
       const acc* wp = w.data_ptr<acc>();
       scalar_t* gyp = grad_y.data_ptr<scalar_t>();
       acc* gwp = grad_w_acc.data_ptr<acc>();
-      at::parallel_for(0, B * C, grain_for(D), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B * C, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / C;
-          const scalar_t* grow = gp + (b * S + ip[i]) * D;
-          const scalar_t* yrow = yp + i * D;
-          scalar_t* gyrow = gyp + i * D;
-          const acc wi = wp[i];
-          acc dot = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            const acc gd = static_cast<acc>(grow[d]);
-            gyrow[d] = static_cast<scalar_t>(wi * gd);
-            dot += gd * static_cast<acc>(yrow[d]);
-          }
-          gwp[i] = dot;
+          const scalar_t* grow = gp + ((i / C) * S + ip[i]) * D;
+          gwp[i] = scale_and_dot_row(grow, yp + i * D, wp[i], gyp + i * D, D);
         }
       });
     });
