@@ -108,30 +108,22 @@ def _case_inputs(logits, valid, dtype, device):
     return x, v
 
 
+ROUTE_HAND_CASES = [("topk_route", c) for c in TOPK_CASES] + [("threshold_route", c) for c in THRESHOLD_CASES]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ROUTE_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
-def test_topk_route_hand_cases(case, dtype, device):
+@pytest.mark.parametrize("op_name,case", ROUTE_HAND_CASES, ids=[f"{o}-{c[0]}" for o, c in ROUTE_HAND_CASES])
+def test_route_hand_cases(op_name, case, dtype, device):
+    """Hand-written expected outputs check both the oracle and the op."""
     name, logits, C, valid, exp_idx, exp_mask = case
+    op, ref = getattr(mod_ext, op_name), getattr(R, f"{op_name}_ref")
     x, v = _case_inputs(logits, valid, dtype, device)
     expected = (torch.tensor(exp_idx, dtype=torch.int64), torch.tensor(exp_mask, dtype=torch.bool))
-    assert_routing_equal(R.topk_route_ref(x.cpu(), C, to(v, "cpu")), expected, f"oracle {name}")
-    out = mod_ext.topk_route(x, C, v)
+    assert_routing_equal(ref(x.cpu(), C, to(v, "cpu")), expected, f"oracle {name}")
+    out = op(x, C, v)
     assert out[0].device.type == device and out[1].device.type == device
-    assert_routing_equal(out, expected, f"topk_route {name}")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", ROUTE_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", THRESHOLD_CASES, ids=[c[0] for c in THRESHOLD_CASES])
-def test_threshold_route_hand_cases(case, dtype, device):
-    name, scores, C, valid, exp_idx, exp_mask = case
-    x, v = _case_inputs(scores, valid, dtype, device)
-    expected = (torch.tensor(exp_idx, dtype=torch.int64), torch.tensor(exp_mask, dtype=torch.bool))
-    assert_routing_equal(R.threshold_route_ref(x.cpu(), C, to(v, "cpu")), expected, f"oracle {name}")
-    out = mod_ext.threshold_route(x, C, v)
-    assert out[0].device.type == device and out[1].device.type == device
-    assert_routing_equal(out, expected, f"threshold_route {name}")
+    assert_routing_equal(out, expected, f"{op_name} {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
