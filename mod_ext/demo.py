@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
@@ -89,6 +89,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sample_tokens < 0:
         p.error(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    if args.sample_tokens and len(PROMPT.encode()) + args.sample_tokens - 1 > args.seq_len:
+        p.error(f"--sample-tokens {args.sample_tokens}: the prompt ({len(PROMPT.encode())} tokens) plus the "
+                f"sample must fit in --seq-len {args.seq_len} (the KV cache's length)")
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error(f"--d-model ({args.d_model}) must be a multiple of --n-head ({args.n_head}) "
                 "with an even head size (rotary embeddings)")
@@ -277,6 +280,19 @@ def plot_routing(model: MoDTransformer, passage: torch.Tensor, path: Path, width
     plt.close(fig)
 
 
+def timed_sample(model: MoDTransformer, prompt: torch.Tensor, args) -> Tuple[torch.Tensor, Optional[float]]:
+    """Sample args.sample_tokens tokens after prompt (1, T0) with the KV cache
+    (temperature 0.8, seeded); returns the ids and the sampled tokens per second
+    (prefill included; None when nothing was sampled)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    model.eval()
+    t0 = time.perf_counter()
+    ids = model.generate(prompt, args.sample_tokens, temperature=0.8, generator=gen)
+    dt = time.perf_counter() - t0
+    model.train()
+    return ids, (args.sample_tokens * prompt.shape[0] / dt if args.sample_tokens else None)
+
+
 def summary_table(report: Dict) -> str:
     """Markdown table of the headline numbers."""
     d, m = report["dense"], report["mod"]
@@ -293,6 +309,13 @@ def summary_table(report: Dict) -> str:
         (f"{report['config']['causal_router']} accuracy / recall (held-out)", "-",
          f"{m['predictor_accuracy']:.3f} / {m['predictor_recall']:.3f}"),
     ]
+    if d.get("decode_tokens_per_s") and m.get("decode_tokens_per_s"):
+        rows.append(("sampling tokens / s (KV cache, batch 1)", f"{d['decode_tokens_per_s']:,.0f}",
+                     f"{m['decode_tokens_per_s']:,.0f}"))
+    if m.get("sample_drops_per_layer") is not None:
+        routed = ", ".join(f"{k}: {v}" for k, v in m["sample_routed_per_layer"].items())
+        drops = ", ".join(f"{k}: {v}" for k, v in m["sample_drops_per_layer"].items())
+        rows.append(("sample: routed / dropped tokens per MoD layer", "-", f"{routed} / {drops}"))
     c = report["config"]
     head = (f"Dense vs MoD (capacity {c['capacity_factor']}, every {c['mod_every']} layers) on {c['corpus']}; "
             f"{c['budget']}; {c['tokens_per_step']} tokens/step, {c['n_layer']} layers, d_model "
@@ -346,12 +369,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results["mod"]["causal_val_loss"] = evaluate(model, val_batches, routing="causal")
     results["mod"].update(predictor_metrics(model, val_batches))
 
-    gen = torch.Generator().manual_seed(args.seed)
     prompt = encode(PROMPT).long()[None]  # (1, T0)
-    model.eval()
-    sample_ids = model.generate(prompt, args.sample_tokens, temperature=0.8, routing="causal", generator=gen)
-    model.train()
+    sample_ids, results["mod"]["decode_tokens_per_s"] = timed_sample(model, prompt, args)
     sample = decode(sample_ids[0].tolist())
+    cache = model.last_decode_cache
+    if cache is not None:  # per MoD layer: tokens of the sample that it routed / dropped
+        results["mod"]["sample_routed_per_layer"] = dict(zip(map(str, model.mod_layer_ids), cache.fill_counts()[:, 0].tolist()))
+        results["mod"]["sample_drops_per_layer"] = dict(zip(map(str, model.mod_layer_ids), cache.drops[:, 0].tolist()))
+    dense_ids, results["dense"]["decode_tokens_per_s"] = timed_sample(dense["model"], prompt, args)
+    results["dense"]["sample"] = decode(dense_ids[0].tolist())
 
     passage = held_out_passage(corpus, min(args.passage_chars, args.seq_len))
     plot_curves(results, out / "loss_curves.png",

@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import decode as _decode
+from .decode import MoDKVCache
 from .layer import MoDBlock, capacity_for
 
 __all__ = ["ModelConfig", "MoDTransformer", "Block", "dense_config", "apply_rotary"]
@@ -70,10 +72,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[..., j], x[..., j + hs/2]) by the angles in cos/sin.
 
     Args:
-        x: (B, nh, T, hs) queries or keys.
-        cos, sin: (B, 1, T, hs/2), the angles of each token's true position.
+        x: (..., hs) queries or keys, e.g. (B, T, nh, hs).
+        cos, sin: the angles of each token's true position, broadcastable to
+            (..., hs/2), e.g. (B, T, 1, hs/2).
     """
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -89,8 +92,14 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, positions: Tensor):
-        """positions (B, T) int64 -> (cos, sin), each (B, 1, T, hs/2)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """positions (B, T) int64 -> (cos, sin), each (B, T, 1, hs/2) float32."""
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+
+
+# write(k, v) stores new keys/values (N, T, nh, hs); read() -> (keys (N, L, nh, hs),
+# values (N, L, nh, hs), key_mask (N, L) bool): see CausalSelfAttention.forward_cached.
+KVWrite = Callable[[Tensor, Tensor], None]
+KVRead = Callable[[], Tuple[Tensor, Tensor, Tensor]]
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,15 +112,28 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = Rotary(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_base)
 
-    def forward(self, x: Tensor, positions: Tensor, slot_mask: Optional[Tensor] = None) -> Tensor:
+    def project(self, x: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values (each (B, T, nh, hs)) of x (B, T, D); rotary applied
+        to q and k at the tokens' true positions (B, T)."""
         B, T, D = x.shape
-        hs = D // self.n_head
-        q, k, v = self.qkv(x).split(D, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        cos, sin = self.rotary(positions)
-        q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).unbind(2)
+        cos, sin = self.rotary(positions)  # (B, T, 1, hs/2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(
+        self, x: Tensor, positions: Tensor, slot_mask: Optional[Tensor] = None, write: Optional[KVWrite] = None
+    ) -> Tensor:
+        """Attention among the T tokens of x (B, T, D), causal in slot order.
+
+        ``write(k, v)``, when given, receives the rotated keys and values (B, T, nh, hs)
+        (used by prefill to fill a KV cache).
+        """
+        B, T, D = x.shape
+        q, k, v = self.project(x, positions)
+        if write is not None:
+            write(k, v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if slot_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -121,8 +143,27 @@ class CausalSelfAttention(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = causal & (slot_mask[:, None, None, :] | eye)  # (B, 1, T, T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
+
+    def forward_cached(self, x: Tensor, positions: Tensor, write: KVWrite, read: KVRead) -> Tensor:
+        """One new token per row against a KV cache (decoding).
+
+        Args:
+            x: (N, 1, D) the new tokens; positions: (N, 1) int64 true positions.
+            write: stores the new token's rotated key and value (N, 1, nh, hs).
+            read: called after write; returns keys and values (N, L, nh, hs) and the
+                (N, L) bool mask of the cache entries this token attends to (its own
+                included; every row needs at least one True).
+        """
+        N, _, D = x.shape
+        q, k, v = self.project(x, positions)
+        write(k, v)
+        keys, values, key_mask = read()
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=key_mask[:, None, None, :]
+        )  # (N, nh, 1, hs)
+        return self.proj(y.transpose(1, 2).reshape(N, 1, D))
 
 
 class SwiGLU(nn.Module):
@@ -148,7 +189,9 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, slot_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, slot_mask: Optional[Tensor] = None, write: Optional[KVWrite] = None
+    ) -> Tensor:
         """The update ``u1 + u2`` (B, T, D), without the residual.
 
         Args:
@@ -156,8 +199,17 @@ class Block(nn.Module):
             positions: (B, T) int64 true positions (ascending in each row).
             slot_mask: (B, T) bool, False for padding slots whose keys are ignored;
                 None = all real tokens (uses the fast ``is_causal`` path).
+            write: optional ``write(k, v)`` that receives the attention's rotated keys
+                and values (B, T, nh, hs), to fill a KV cache.
         """
-        u1 = self.attn(self.norm1(x), positions, slot_mask)
+        u1 = self.attn(self.norm1(x), positions, slot_mask, write)
+        u2 = self.mlp(self.norm2(x + u1))
+        return u1 + u2
+
+    def forward_cached(self, x: Tensor, positions: Tensor, write: KVWrite, read: KVRead) -> Tensor:
+        """The update for one new token per row (N, 1, D) against a KV cache
+        (see :meth:`CausalSelfAttention.forward_cached`)."""
+        u1 = self.attn.forward_cached(self.norm1(x), positions, write, read)
         u2 = self.mlp(self.norm2(x + u1))
         return u1 + u2
 
@@ -193,6 +245,8 @@ class MoDTransformer(nn.Module):
             if name.endswith("attn.proj.weight") or name.endswith("mlp.w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         self.last_aux_loss: Optional[Tensor] = None
+        self._decode_graphs: dict = {}  # (B, max_len, ...) -> decode.DecodeGraph (generate(cuda_graph=True))
+        self.last_decode_cache: Optional[MoDKVCache] = None  # the cache of the last generate(use_cache=True)
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -217,15 +271,19 @@ class MoDTransformer(nn.Module):
         """Number of parameters (tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, routing: str = "topk"):
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, routing: str = "topk",
+                valid: Optional[Tensor] = None):
         """Logits and (optionally) the training loss.
 
         Args:
             idx: (B, T) int64 token ids, T <= block_size.
-            targets: optional (B, T) int64 next-token ids.
+            targets: optional (B, T) int64 next-token ids (-100 = ignored, e.g. padding).
             routing: "topk" (expert-choice, training; uses future tokens within the
                 sequence) or "causal" (predictor/router logit > 0, first come first
                 served; for sampling).
+            valid: optional (B, T) bool, False for padding tokens: they are never
+                attended to or routed, and each row's true positions count only its
+                valid tokens (so left-padded prompts get positions 0, 1, ...).
 
         Returns:
             ``(logits (B, T, V) float, loss)``: loss = cross-entropy + aux_loss_weight *
@@ -238,16 +296,25 @@ class MoDTransformer(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"MoDTransformer: sequence length {T} > block_size {self.cfg.block_size}")
-        positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+        if valid is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+            mod_positions = None
+        else:
+            if valid.dtype != torch.bool or valid.shape != idx.shape:
+                raise ValueError(
+                    f"MoDTransformer: valid must be a bool tensor of shape (B, T) = {tuple(idx.shape)}, got "
+                    f"{valid.dtype} {tuple(valid.shape)}"
+                )
+            positions = mod_positions = (valid.long().cumsum(1) - 1).clamp_min(0)
         x = self.wte(idx)  # (B, T, D)
         aux = []
         for layer in self.layers:
             if isinstance(layer, MoDBlock):
-                x = layer(x, routing=routing)
+                x = layer(x, valid=valid, routing=routing, positions=mod_positions)
                 if layer.aux_loss is not None:
                     aux.append(layer.aux_loss)
             else:
-                x = x + layer(x, positions)
+                x = x + layer(x, positions, valid)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         self.last_aux_loss = torch.stack(aux).sum() if aux else None
         loss = None
@@ -314,7 +381,77 @@ class MoDTransformer(nn.Module):
                 total += linear + attn(T)
         return float(total)
 
+    # ----------------------------------------------------------------------------------
+    # Sampling with a KV cache (mod_ext.decode)
+    # ----------------------------------------------------------------------------------
+
+    def allocate_cache(
+        self, batch: int, max_len: Optional[int] = None, *, cache_capacity_factor: Optional[float] = None,
+        decode_capacity: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
+    ) -> MoDKVCache:
+        """A static KV cache for ``batch`` sequences of up to ``max_len`` columns.
+
+        Dense layers hold (batch, max_len, n_head, head_size) keys and values; each MoD
+        layer holds only its routed tokens: ``capacity_for(max_len,
+        cache_capacity_factor)`` slots per sequence (+1 scratch slot) and a fill count.
+
+        Args:
+            batch: B, sequences decoded together.
+            max_len: columns (prompt + generated tokens, left padding included);
+                default and maximum ``block_size``.
+            cache_capacity_factor: MoD cache slots as a fraction of max_len (default
+                ``capacity_factor``; with max_len = block_size the cache then never fills
+                before the causal routing rule's own capacity does).
+            decode_capacity: block slots per MoD layer in one decode step (an int in
+                [1, B]); default :func:`mod_ext.decode.default_decode_capacity`
+                (ceil(c*B) plus three binomial standard deviations of headroom).
+            device, dtype: default the model's.
+
+        Raises:
+            ValueError: an argument out of range (the message names it).
+        """
+        return _decode.allocate_cache(self, batch, max_len, cache_capacity_factor=cache_capacity_factor,
+                                      decode_capacity=decode_capacity, device=device, dtype=dtype)
+
+    def prefill(self, idx: Tensor, cache: MoDKVCache, valid: Optional[Tensor] = None) -> Tensor:
+        """Run the prompt idx (B, T) int64 through the model with causal routing and fill
+        the cache (resetting it first); returns the last column's logits (B, V).
+
+        MoD layers route causally (as ``forward(routing="causal")``) and cache only the
+        routed tokens. ``valid`` (B, T) bool marks left-padded prompts (False...False
+        True...True per row); true positions count valid tokens only.
+
+        Raises:
+            ValueError: shapes, batch or device that do not match the cache, T > max_len,
+                or a valid mask that is not left padding.
+        """
+        return _decode.prefill(self, idx, cache, valid)
+
     @torch.no_grad()
+    def decode_step(self, tokens: Tensor, cache: MoDKVCache) -> Tensor:
+        """Advance every sequence by one token: tokens (B,) int64 -> logits (B, V).
+
+        Dense layers append the token's key/value at the next column and attend to the
+        row's valid columns. At each MoD layer the B tokens are routed causally
+        (score > 0, cache not full, sequence active); the ``cache.decode_capacity``
+        highest-scoring of them run the block against their own cached routed tokens
+        and the rest are dropped and counted in ``cache.drops``. Static-shaped and free
+        of host syncs (CUDA-graph capturable; see ``generate(cuda_graph=True)``).
+
+        Raises:
+            ValueError: tokens not (B,) int64 on the cache's device, an empty (not
+                prefilled) cache, or a full one (max_len columns written).
+        """
+        _decode.check_decode_inputs(tokens, cache)
+        logits = _decode.decode_step(self, tokens, cache)
+        cache.n_written += 1
+        return logits
+
+    def clear_decode_graphs(self) -> None:
+        """Drop the CUDA graphs (and their caches) kept by ``generate(cuda_graph=True)``.
+        Call it after moving the model or replacing (not updating in place) parameters."""
+        self._decode_graphs.clear()
+
     @torch.no_grad()
     def generate(
         self,
@@ -324,28 +461,90 @@ class MoDTransformer(nn.Module):
         top_k: Optional[int] = None,
         routing: str = "causal",
         generator: Optional[torch.Generator] = None,
+        *,
+        valid: Optional[Tensor] = None,
+        stop_tokens: Optional[Sequence[int]] = None,
+        pad_token: Optional[int] = None,
+        use_cache: bool = True,
+        cuda_graph: bool = False,
+        max_len: Optional[int] = None,
+        decode_capacity: Optional[int] = None,
+        cache_capacity_factor: Optional[float] = None,
     ) -> Tensor:
-        """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + new).
+        """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
 
-        Recomputes the whole (cropped to block_size) context each step (no KV cache).
-        MoD layers route causally (``cfg.causal_router``: predictor or router logit > 0),
-        which never looks at future tokens; routing="topk" is allowed but not causal.
+        With ``use_cache=True`` (default) the prompt is prefilled into a
+        :class:`~mod_ext.decode.MoDKVCache` and every further token costs one
+        :meth:`decode_step` (MoD layers cache only their routed tokens; docs/MOD_SPEC.md
+        section 4); ``self.last_decode_cache`` keeps the cache (its ``drops`` count the
+        routed-but-dropped tokens per MoD layer). With ``use_cache=False`` the whole
+        context (cropped to block_size) is recomputed for every token.
+
+        Args:
+            idx: (B, T) int64 prompts, left-padded when ``valid`` is given.
+            max_new_tokens: tokens to sample (>= 0).
+            temperature: 0 = greedy (argmax); else softmax temperature.
+            top_k: sample among the top_k most likely tokens only.
+            routing: "causal" (default; the only choice with the cache) or "topk" (full
+                recompute only; not causal).
+            generator: torch.Generator for reproducible sampling.
+            valid: (B, T) bool, False for left padding (prompts of different lengths).
+            stop_tokens: token ids that end a sequence; later positions get pad_token
+                (default: the first stop token). A finished sequence stops routing.
+            use_cache: KV-cache decoding (True) or full recompute (False).
+            cuda_graph: capture the decode step in a CUDA graph once per (B, max_len,
+                decode_capacity, cache_capacity_factor, device, dtype) and replay it
+                (CUDA only; the graph and its cache are kept until
+                :meth:`clear_decode_graphs`).
+            max_len: cache columns (default block_size); needs T + max_new_tokens - 1 <= max_len.
+            decode_capacity, cache_capacity_factor: see :meth:`allocate_cache`.
 
         Raises:
-            ValueError: idx is not (B, T) int64 with T >= 1.
+            ValueError: bad prompt / valid mask, a prompt + new tokens that do not fit the
+                cache, cuda_graph=True off CUDA, routing="topk" with the cache.
         """
         if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.int64:
             raise ValueError(
                 f"generate: idx must be a (B, T) int64 prompt with T >= 1, got {idx.dtype} {tuple(idx.shape)}"
             )
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"generate: top_k must be an int >= 1 or None, got {top_k!r}")
+        if routing not in ("causal", "topk"):
+            raise ValueError(f"generate: routing must be 'causal' or 'topk', got {routing!r}")
+        if max_new_tokens == 0:
+            return idx.clone()
+        if use_cache:
+            if routing != "causal":
+                raise ValueError("generate: routing='topk' looks at future tokens and cannot use the KV cache; "
+                                 "pass use_cache=False")
+            return _decode.generate_cached(
+                self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                valid=valid, stop_tokens=stop_tokens, pad_token=pad_token, cuda_graph=cuda_graph,
+                max_len=max_len, decode_capacity=decode_capacity, cache_capacity_factor=cache_capacity_factor,
+            )
+        if cuda_graph:
+            raise ValueError("generate: cuda_graph=True needs use_cache=True")
+        if valid is not None:
+            valid = _decode._check_valid_prompt(idx, valid, "generate")
+        stops = None
+        if stop_tokens is not None:
+            stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64, device=idx.device)
+            if pad_token is None:
+                pad_token = int(stops[0]) if stops.numel() else 0
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.cfg.block_size:]
-            logits, _ = self(idx_cond, routing=routing)
-            logits = logits[:, -1, :].float() / max(temperature, 1e-8)  # (B, V)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            valid_cond = None if valid is None else valid[:, -self.cfg.block_size:]
+            logits, _ = self(idx_cond, routing=routing, valid=valid_cond)
+            nxt = _decode.sample_next(logits[:, -1, :], temperature, top_k, generator)  # (B,)
+            if stops is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, pad_token), nxt)
+                finished |= torch.isin(nxt, stops)
+            idx = torch.cat((idx, nxt[:, None]), dim=1)
+            if valid is not None:
+                valid = torch.cat((valid, torch.ones_like(valid[:, :1])), dim=1)
         return idx

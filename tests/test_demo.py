@@ -50,6 +50,14 @@ def test_demo_quick_on_tiny_text(tmp_path, offline):
     assert report["mod"]["train_flops"] == pytest.approx(report["dense"]["train_flops"], rel=0.2)
 
     assert isinstance(report["sample"], str) and report["sample"].startswith(demo.PROMPT)
+    assert report["dense"]["sample"].startswith(demo.PROMPT)
+    for key in ("dense", "mod"):  # both models sample through the KV cache
+        assert math.isfinite(report[key]["decode_tokens_per_s"]) and report[key]["decode_tokens_per_s"] > 0
+    routed, drops = report["mod"]["sample_routed_per_layer"], report["mod"]["sample_drops_per_layer"]
+    mod_layers = [str(i) for i in range(report["config"]["n_layer"]) if i % 2 == 1]
+    assert list(routed) == list(drops) == mod_layers
+    n_tokens = len(demo.PROMPT.encode()) + report["config"]["sample_tokens"] - 1  # tokens fed to the model
+    assert all(0 <= routed[k] and 0 <= drops[k] and routed[k] + drops[k] <= n_tokens for k in mod_layers)
     cfg = report["config"]
     assert cfg["corpus"] == "tiny.txt" and cfg["n_tokens"] == FIXTURE.stat().st_size
     assert cfg["quick"] and cfg["dense_steps"] > 0 and cfg["mod_steps"] > 0

@@ -1,0 +1,179 @@
+"""Benchmark KV-cache decoding: one decode step of the MoD model against the same-size
+dense model (mod_ext.models), with and without CUDA graphs, and the KV-cache bytes per
+sequence.
+
+    python benchmarks/bench_decode.py --quick                       # CPU smoke run, < 1 minute
+    python benchmarks/bench_decode.py --json out/decode_cpu.json    # CPU, width 512, 8 layers
+    python benchmarks/bench_decode.py --device cuda --json out/decode_cuda.json  # width 2048, 16 layers, bf16
+
+What is timed: ``MoDTransformer.decode_step`` (embedding -> logits for B new tokens) on a
+cache of ``context`` columns, eagerly and (CUDA) as a replayed CUDA graph; the median over
+``--repeats`` blocks. The step is static-shaped: every dense layer attends over all
+``context`` columns of its cache (masked) and every MoD layer runs its block on
+``decode_capacity`` rows against ``capacity_for(context, c)`` cache slots, whatever the
+routing decisions or the number of columns already filled. So instead of prefilling B x
+context tokens, the cache is filled with random keys and values (MoD fill counts at half
+the limit); the time per step does not depend on those values.
+tokens/s = B / time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import DTYPES, Results, add_common_args, env_info, judge, md_table, median_time, print_env, setup  # noqa: E402
+
+from mod_ext.decode import DecodeGraph  # noqa: E402
+from mod_ext.models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
+
+# Targets of issue 4: CPU: MoD not slower than dense at B = 8; GPU (bf16, width 2048, 16
+# layers): MoD >= 1.5x dense with CUDA graphs at B = 64, context 2048; a MoD layer's cache
+# <= 0.3x a dense layer's.
+CPU_TARGET = {"batch": 8, "speedup": 1.0}
+GPU_TARGET = {"batch": 64, "context": 2048, "speedup": 1.5}
+CACHE_RATIO_TARGET = 0.3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8,64; quick 1,8)")
+    p.add_argument("--context", default=None,
+                   help="comma-separated cache lengths (default CPU 256,1024; GPU 256,1024,2048,4096; quick 256)")
+    p.add_argument("--d-model", type=int, default=None, help="width (default CPU 512, GPU 2048, quick 128)")
+    p.add_argument("--n-layer", type=int, default=None, help="layers (default CPU 8, GPU 16, quick 4)")
+    p.add_argument("--n-head", type=int, default=None, help="heads (default d_model / 64)")
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256, byte-level)")
+    p.add_argument("--capacity", type=float, default=0.125, help="MoD capacity factor (default 0.125)")
+    p.add_argument("--mod-every", type=int, default=2, help="every n-th layer is MoD (default 2)")
+    p.add_argument("--cuda-graph", choices=["both", "on", "off"], default="both",
+                   help="CUDA only: time eager steps, graph replays, or both (default both)")
+    args = p.parse_args(argv)
+    setup(args)
+    gpu = args.gpu_shapes
+    args.batch = [int(b) for b in (args.batch or ("1,8" if args.quick else "1,8,64")).split(",")]
+    args.context = [int(c) for c in (args.context or ("256" if args.quick else
+                                                      "256,1024,2048,4096" if gpu else "256,1024")).split(",")]
+    args.d_model = args.d_model or (128 if args.quick else 2048 if gpu else 512)
+    args.n_layer = args.n_layer or (4 if args.quick else 16 if gpu else 8)
+    args.n_head = args.n_head or max(1, args.d_model // 64)
+    return args
+
+
+def synthetic_state(cache):
+    """Random keys/values everywhere, every column valid, MoD caches half full, one
+    column written (the step's cost does not depend on any of it; see the module doc)."""
+    for lc in cache.layers:
+        lc.k.normal_()
+        lc.v.normal_()
+        if lc.is_mod:
+            lc.fill.fill_(lc.limit // 2)
+    cache.key_valid.fill_(True)
+    cache.col.fill_(1)
+    cache.pos.fill_(1)
+    cache.active.fill_(True)
+    cache.n_written = 1
+
+
+def time_steps(model, cache, graph, args):
+    tokens = torch.randint(0, model.cfg.vocab_size, (cache.batch,), device=cache.device)
+    step = graph.step if graph is not None else (lambda t: model.decode_step(t, cache))
+    fills = [lc.fill.clone() for lc in cache.mod_layers]
+
+    def fn():
+        if cache.n_written >= cache.max_len - 1:  # wrap around: rewind the write column
+            cache.col.fill_(1)
+            cache.pos.fill_(1)
+            for lc, f in zip(cache.mod_layers, fills):
+                lc.fill.copy_(f)
+            cache.n_written = 1
+        return step(tokens)
+
+    with torch.no_grad():
+        return median_time(fn, args.repeats, warmup=3)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    env = env_info(args)
+    env["model"] = {"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head,
+                    "vocab": args.vocab, "capacity_factor": args.capacity, "mod_every": args.mod_every}
+    print_env(env)
+    graph_modes = [False] if dev.type != "cuda" else {"both": [False, True], "on": [True], "off": [False]}[args.cuda_graph]
+    rows = Results(args.json, env)
+    for context in args.context:
+        mod_cfg = ModelConfig(vocab_size=args.vocab, block_size=context, n_layer=args.n_layer, n_head=args.n_head,
+                              d_model=args.d_model, capacity_factor=args.capacity, mod_every=args.mod_every)
+        models = {}
+        for name, cfg in [("dense", dense_config(mod_cfg)), ("mod", mod_cfg)]:
+            torch.manual_seed(0)
+            models[name] = MoDTransformer(cfg).to(device=dev, dtype=dt).eval()
+        for batch in args.batch:
+            for cuda_graph in graph_modes:
+                times = {}
+                for name, model in models.items():
+                    cache = model.allocate_cache(batch)
+                    graph = DecodeGraph(model, cache) if cuda_graph else None
+                    synthetic_state(cache)
+                    t = time_steps(model, cache, graph, args)
+                    times[name] = t
+                    layer_bytes = cache.layer_bytes_per_seq()
+                    dense_b = [n for n, lc in zip(layer_bytes, cache.layers) if not lc.is_mod]
+                    mod_b = [n for n, lc in zip(layer_bytes, cache.layers) if lc.is_mod]
+                    row = {"model": name, "batch": batch, "context": context, "cuda_graph": cuda_graph,
+                           "step_ms": t * 1e3, "tokens_per_s": batch / t,
+                           "cache_bytes_per_seq": cache.bytes_per_seq(),
+                           "decode_capacity": cache.decode_capacity if mod_b else None,
+                           "cache_slots": cache.slots if mod_b else None}
+                    if mod_b and dense_b:
+                        row["mod_layer_cache_ratio"] = max(mod_b) / min(dense_b)
+                        row["cache_ratio_status"] = judge(row["mod_layer_cache_ratio"], CACHE_RATIO_TARGET, False)
+                    if name == "mod":
+                        row["speedup_vs_dense"] = times["dense"] / t
+                        tgt = None
+                        if dev.type == "cpu" and batch == CPU_TARGET["batch"]:
+                            tgt = CPU_TARGET["speedup"]
+                        elif (dev.type == "cuda" and cuda_graph and batch == GPU_TARGET["batch"]
+                              and context == GPU_TARGET["context"]):
+                            tgt = GPU_TARGET["speedup"]
+                        if tgt is not None and not args.quick:  # targets are judged at the default shapes
+                            row["target"] = f">= {tgt}x dense"
+                            row["status"] = judge(row["speedup_vs_dense"], tgt, True)
+                    rows.add(row)
+                    print(f"  {name:5s} B={batch:<3d} context={context:<5d} graph={int(cuda_graph)}: "
+                          f"{t * 1e3:8.3f} ms/step {batch / t:10.1f} tokens/s  cache {row['cache_bytes_per_seq'] / 2**20:.2f} "
+                          f"MiB/seq", flush=True)
+                    del cache, graph
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+        del models
+
+    print(f"\nd_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} vocab={args.vocab} "
+          f"c={args.capacity} dtype={args.dtype} device={args.device}\n")
+    print(_table(rows))
+    rows.save()
+
+
+def _table(rows):
+    for r in rows:
+        r.setdefault("cache_mib", r["cache_bytes_per_seq"] / 2**20)
+    out = md_table(rows, [("model", "model", ""), ("B", "batch", ""), ("context", "context", ""),
+                          ("CUDA graph", "cuda_graph", ""), ("ms / step", "step_ms", ".3f"),
+                          ("tokens / s", "tokens_per_s", ",.1f"), ("MoD speedup", "speedup_vs_dense", ".2f"),
+                          ("cache MiB / seq", "cache_mib", ".2f"),
+                          ("MoD layer / dense layer cache", "mod_layer_cache_ratio", ".3f"),
+                          ("decode capacity", "decode_capacity", ""), ("target", "target", ""),
+                          ("status", "status", "")])
+    for r in rows:
+        del r["cache_mib"]
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""KV-cache decoding (mod_ext.decode): the cache against a full recompute (the oracle),
+skipped tokens never attended to, padding and dropping across the batch, cache memory,
+generate() options, errors, torch.compile and CUDA graphs.
+
+Oracle: ``MoDTransformer.forward(seq, routing="causal")`` on each sequence alone
+(no cache, no padding); docs/MOD_SPEC.md sections 2-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mod_ext.decode import default_decode_capacity
+from mod_ext.models import ModelConfig, MoDTransformer, dense_config
+from mod_test_utils import DEVICES, requires_cuda
+
+V = 64
+
+
+def make_model(seed=0, predictor_bias=0.0, device="cpu", dtype=torch.float32, **kw):
+    """A tiny MoD model; predictor_bias shifts the causal scores (large = route everything)."""
+    base = dict(vocab_size=V, block_size=48, n_layer=4, n_head=2, d_model=32, capacity_factor=0.25)
+    base.update(kw)
+    torch.manual_seed(seed)
+    model = MoDTransformer(ModelConfig(**base)).eval()
+    with torch.no_grad():
+        for m in model.mod_layers:
+            if m.predictor is not None:
+                m.predictor.net[2].bias.fill_(predictor_bias)
+            else:
+                m.router_bias.fill_(predictor_bias)
+    return model.to(device=device, dtype=dtype)
+
+
+def left_padded(lengths, seed=1, device="cpu"):
+    """(idx (B, T), valid (B, T), [prompt_b]) for prompts of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    idx = torch.zeros(len(lengths), T, dtype=torch.int64)
+    valid = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        idx[b, T - len(p):] = p
+        valid[b, T - len(p):] = True
+    return idx.to(device), valid.to(device), [p.to(device) for p in prompts]
+
+
+def recompute_last_logits(model, seq):
+    """Oracle: the sequence alone, full causal forward; logits of its last token (V,)."""
+    with torch.no_grad():
+        logits, _ = model(seq[None], routing="causal")
+    return logits[0, -1]
+
+
+def routed_counts(model, seq):
+    """Oracle: tokens of seq that each MoD layer routes in a full causal forward."""
+    with torch.no_grad():
+        model(seq[None], routing="causal")
+    return [int(m.last_output.slot_mask.sum()) for m in model.mod_layers]
+
+
+def greedy_decode(model, idx, valid, steps, cache, before_step=None):
+    """Prefill + greedy steps; returns the list of logits (B, V) per step (prefill first)."""
+    out = [model.prefill(idx, cache, valid)]
+    for _ in range(steps):
+        nxt = out[-1].argmax(-1)
+        if before_step is not None:
+            before_step(cache)
+        out.append(model.decode_step(nxt, cache))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Cache == full recompute (no drops from the decode capacity)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal_router", ["predictor", "router"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_decode_matches_full_recompute(device, dtype, causal_router):
+    model = make_model(causal_router=causal_router, device=device, dtype=dtype)
+    lengths = [5, 11, 1, 8]
+    idx, valid, prompts = left_padded(lengths, device=device)
+    B, steps = len(lengths), 30
+    cache = model.allocate_cache(B, decode_capacity=B)  # every routed token fits each step
+    logits = greedy_decode(model, idx, valid, steps, cache)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    seqs = [p.clone() for p in prompts]
+    for step, lg in enumerate(logits):
+        for b in range(B):
+            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), **tol,
+                                       msg=lambda m: f"step {step}, sequence {b}: {m}")
+        nxt = lg.argmax(-1)
+        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    # The MoD caches hold exactly the tokens the recompute routes (the last token was
+    # fed to the cache in the final step; seqs also contains the argmax of the final logits).
+    fills = cache.fill_counts().cpu()
+    for b in range(B):
+        assert fills[:, b].tolist() == routed_counts(model, seqs[b][:-1]), f"sequence {b}"
+    # Routing was not trivial: some tokens skipped each MoD layer, and some were routed.
+    n_tokens = torch.tensor([n + steps for n in lengths])
+    assert (fills > 0).any() and (fills < n_tokens).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_model_cache_matches_recompute(device):
+    torch.manual_seed(0)
+    cfg = dense_config(make_model().cfg)
+    model = MoDTransformer(cfg).eval().to(device)
+    idx, valid, prompts = left_padded([3, 7], device=device)
+    cache = model.allocate_cache(2)
+    logits = greedy_decode(model, idx, valid, 10, cache)
+    seqs = list(prompts)
+    for lg in logits:
+        for b in range(2):
+            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
+        nxt = lg.argmax(-1)
+        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    assert cache.drops.numel() == 0 and all(not lc.is_mod for lc in cache.layers)
+
+
+def test_batched_recompute_with_left_padding_matches_single_sequences():
+    model = make_model()
+    idx, valid, prompts = left_padded([4, 12, 9])
+    with torch.no_grad():
+        logits, _ = model(idx, routing="causal", valid=valid)
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            ref, _ = model(p[None], routing="causal")
+        torch.testing.assert_close(logits[b, -len(p):], ref[0], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# Skipped tokens are never attended to
+# --------------------------------------------------------------------------------------
+
+POISON = 1e3  # large but finite: masked scores stay -inf, masked weights stay exactly 0
+
+
+def poison_unused_entries(cache):
+    """Write POISON into every cache entry a token must not see: MoD slots at or past
+    the fill count (the slot the next skipped token would have used, later slots and
+    the scratch slot) and dense columns that hold no valid token (left padding and
+    columns not written yet)."""
+    for lc in cache.layers:
+        if lc.is_mod:
+            unused = torch.arange(lc.k.shape[1], device=lc.k.device)[None, :] >= lc.fill[:, None]  # (B, L)
+        else:
+            unused = ~cache.key_valid
+        lc.k[unused] = POISON
+        lc.v[unused] = -POISON
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_skipped_tokens_are_never_attended(device):
+    model = make_model(device=device)
+    idx, valid, _ = left_padded([6, 2, 10], device=device)
+    ref = greedy_decode(model, idx, valid, 20, model.allocate_cache(3, decode_capacity=3))
+    cache = model.allocate_cache(3, decode_capacity=3)
+    got = greedy_decode(model, idx, valid, 20, cache, before_step=poison_unused_entries)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Some token was skipped at some MoD layer after the prompt, so a poisoned slot was
+    # there to be (wrongly) attended to.
+    assert (cache.fill_counts() < 10 + 20).all()
+
+
+def test_poisoning_a_filled_slot_changes_the_logits():
+    """Positive control for the test above: the poison is visible when it is attended
+    (every token routes here, so later tokens do read the poisoned slot)."""
+    model = make_model(predictor_bias=20.0)
+    idx, valid, _ = left_padded([6, 9])
+    cache = model.allocate_cache(2, decode_capacity=2)
+    base = greedy_decode(model, idx, valid, 3, cache)[-1]
+    lc = cache.mod_layers[0]
+    b = int(lc.fill.argmax())
+    assert int(lc.fill[b]) > 0
+    cache2 = model.allocate_cache(2, decode_capacity=2)
+
+    def poison_first_slot(c):
+        c.mod_layers[0].k[b, 0] = POISON
+    poisoned = greedy_decode(model, idx, valid, 3, cache2, before_step=poison_first_slot)[-1]
+    assert (poisoned[b] - base[b]).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------
+# Padding and dropping across the batch (decode capacity), cache-full drops
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_capacity_keeps_the_highest_scores_and_counts_drops():
+    model = make_model(predictor_bias=20.0)  # every token wants every MoD layer
+    B, Dc = 5, 2
+    idx, valid, _ = left_padded([3, 3, 3, 3, 3])
+    cache = model.allocate_cache(B, decode_capacity=Dc)
+    logits = model.prefill(idx, cache, valid)
+    scores = {}
+    hooks = [m.predictor.register_forward_hook(lambda mod, a, out, i=i: scores.__setitem__(i, out.detach()))
+             for i, m in enumerate(model.mod_layers)]
+    for _ in range(4):
+        before = cache.fill_counts().clone()
+        drops_before = cache.drops.clone()
+        model.decode_step(logits.argmax(-1), cache)
+        grew = cache.fill_counts() - before  # (n_mod, B): 1 where the token ran the block
+        for i in range(len(model.mod_layers)):
+            s = scores[i][:, 0]
+            top = torch.zeros(B, dtype=torch.int64)
+            top[torch.topk(s, Dc).indices] = 1
+            assert torch.equal(grew[i], top), f"layer {i}: {grew[i]} vs top-{Dc} of {s}"
+        assert torch.equal(cache.drops - drops_before, 1 - grew)  # everyone wanted; the rest dropped
+    for h in hooks:
+        h.remove()
+
+
+def test_unused_decode_slots_are_padding():
+    """Fewer routed tokens than slots: padding slots write nothing and change nothing."""
+    model = make_model(predictor_bias=-20.0)  # nothing wants a MoD layer
+    idx, valid, prompts = left_padded([4, 7, 2])
+    cache = model.allocate_cache(3, decode_capacity=3)
+    logits = greedy_decode(model, idx, valid, 6, cache)
+    assert cache.fill_counts().sum() == 0 and cache.drops.sum() == 0
+    seqs = list(prompts)
+    for lg in logits:
+        for b in range(3):
+            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
+        nxt = lg.argmax(-1)
+        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+
+
+def test_full_cache_drops_further_tokens():
+    model = make_model(predictor_bias=20.0)
+    idx, valid, _ = left_padded([9, 3])
+    cache = model.allocate_cache(2, cache_capacity_factor=0.125, decode_capacity=2)  # 48 * 0.125 = 6 slots
+    assert cache.slots == 6 and all(lc.limit == 6 for lc in cache.mod_layers)
+    model.prefill(idx, cache, valid)
+    assert cache.fill_counts().tolist() == [[6, 3], [6, 3]]
+    assert cache.drops.tolist() == [[3, 0], [3, 0]]  # 9 wanted, 6 fit
+    for _ in range(5):
+        model.decode_step(torch.zeros(2, dtype=torch.int64), cache)
+    assert cache.fill_counts().tolist() == [[6, 6], [6, 6]]
+    assert cache.drops.tolist() == [[8, 2], [8, 2]]
+
+
+def test_mod_layer_cache_is_a_fraction_of_a_dense_layer():
+    model = make_model(block_size=256, capacity_factor=0.125)
+    cache = model.allocate_cache(4)
+    per_layer = cache.layer_bytes_per_seq()
+    dense = [n for n, lc in zip(per_layer, cache.layers) if not lc.is_mod]
+    mod = [n for n, lc in zip(per_layer, cache.layers) if lc.is_mod]
+    assert dense and mod
+    assert max(mod) <= 0.3 * min(dense)
+    assert cache.slots == 32 and cache.bytes_per_seq() == sum(per_layer)
+
+
+def test_default_decode_capacity():
+    assert default_decode_capacity(64, 0.125) == 16
+    assert default_decode_capacity(8, 0.125) == 4
+    assert default_decode_capacity(1, 0.125) == 1
+    assert default_decode_capacity(3, 1.0) == 3
+    with pytest.raises(ValueError, match="batch"):
+        default_decode_capacity(0, 0.125)
+
+
+# --------------------------------------------------------------------------------------
+# generate()
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_with_cache_equals_recompute(device):
+    model = make_model(device=device)
+    idx, valid, _ = left_padded([5, 12, 1], device=device)
+    a = model.generate(idx, 25, temperature=0, valid=valid, decode_capacity=3)
+    b = model.generate(idx, 25, temperature=0, valid=valid, use_cache=False)
+    assert torch.equal(a, b)
+    assert a.shape == (3, 12 + 25) and torch.equal(a[:, :12], idx)
+    # Sampling with temperature and top-k draws the same tokens from the same generator.
+    a = model.generate(idx, 25, temperature=0.9, top_k=8, valid=valid, decode_capacity=3,
+                       generator=torch.Generator(device).manual_seed(3))
+    b = model.generate(idx, 25, temperature=0.9, top_k=8, valid=valid, use_cache=False,
+                       generator=torch.Generator(device).manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_top_k_one_is_greedy():
+    model = make_model()
+    idx, valid, _ = left_padded([4, 6])
+    a = model.generate(idx, 12, temperature=1.5, top_k=1, valid=valid, generator=torch.Generator().manual_seed(0))
+    b = model.generate(idx, 12, temperature=0, valid=valid)
+    assert torch.equal(a, b)
+
+
+def test_stop_tokens_end_sequences_and_stop_their_routing():
+    model = make_model()
+    idx, valid, _ = left_padded([5, 8])
+    free = model.generate(idx, 20, temperature=0, valid=valid)
+    stop = int(free[0, 8 + 3])  # the 4th token sequence 0 generates
+    out = model.generate(idx, 20, temperature=0, valid=valid, stop_tokens=[stop], pad_token=V - 1)
+    for b in range(2):
+        gen = free[b, 8:]
+        hits = (gen == stop).nonzero()
+        if len(hits) == 0:
+            assert torch.equal(out[b], free[b])
+            continue
+        first = int(hits[0])
+        assert torch.equal(out[b, :8 + first + 1], free[b, :8 + first + 1])
+        assert (out[b, 8 + first + 1:] == V - 1).all()
+    # Sequence 0 stopped when it generated the stop token (its token number first0): from
+    # then on it routed nothing and dropped nothing, so its MoD caches hold what they held
+    # after the first0 tokens before it were fed.
+    first0 = int((free[0, 8:] == stop).nonzero()[0])
+    cache = model.last_decode_cache
+    assert not bool(cache.active[0])
+    ref = model.allocate_cache(2)
+    greedy_decode(model, idx, valid, first0, ref)
+    assert torch.equal(cache.fill_counts()[:, 0], ref.fill_counts()[:, 0])
+    assert torch.equal(cache.drops[:, 0], ref.drops[:, 0])
+
+
+def test_generate_zero_new_tokens_returns_prompt():
+    model = make_model()
+    idx = torch.randint(0, V, (2, 5))
+    assert torch.equal(model.generate(idx, 0), idx)
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+def test_errors():
+    model = make_model()
+    idx = torch.randint(0, V, (2, 5))
+    cache = model.allocate_cache(2, max_len=6)
+    with pytest.raises(ValueError, match="prefill"):
+        model.decode_step(torch.zeros(2, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match=r"tokens must be an int64 tensor of shape \(B,\) = \(2,\)"):
+        model.decode_step(torch.zeros(3, dtype=torch.int64), cache)
+    model.prefill(idx, cache)
+    model.decode_step(torch.zeros(2, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="full"):
+        model.decode_step(torch.zeros(2, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="batch"):
+        model.prefill(torch.randint(0, V, (3, 5)), cache)
+    with pytest.raises(ValueError, match="max_len"):
+        model.prefill(torch.randint(0, V, (2, 7)), cache)
+    with pytest.raises(ValueError, match="max_len"):
+        model.allocate_cache(2, max_len=49)
+    with pytest.raises(ValueError, match="decode_capacity"):
+        model.allocate_cache(2, decode_capacity=3)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        model.allocate_cache(2, cache_capacity_factor=0.0)
+    right_padded = torch.tensor([[True] * 4 + [False], [True] * 5])
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(idx, 3, valid=right_padded)
+    with pytest.raises(ValueError, match="max_len"):
+        model.generate(idx, 45)  # 5 + 45 - 1 > 48
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.generate(idx, 3, cuda_graph=True)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(idx, 3, routing="topk")
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(idx, 3, temperature=-1.0)
+    assert model.generate(idx, 45, use_cache=False).shape == (2, 50)  # recompute crops the context
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile and CUDA graphs
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_step_compiles_without_graph_breaks():
+    from mod_ext.decode import decode_step
+
+    model = make_model()
+    idx, valid, _ = left_padded([4, 9])
+    eager_cache, compiled_cache = model.allocate_cache(2, decode_capacity=1), model.allocate_cache(2, decode_capacity=1)
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    a, b = model.prefill(idx, eager_cache, valid), model.prefill(idx, compiled_cache, valid)
+    for _ in range(3):
+        a = decode_step(model, a.argmax(-1), eager_cache)
+        b = step(model, b.argmax(-1), compiled_cache)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert torch.equal(eager_cache.fill_counts(), compiled_cache.fill_counts())
+    assert torch.equal(eager_cache.drops, compiled_cache.drops)
+
+
+@requires_cuda
+def test_cuda_decode_step_does_not_sync():
+    model = make_model(device="cuda")
+    idx, valid, _ = left_padded([4, 9], device="cuda")
+    cache = model.allocate_cache(2, decode_capacity=1)
+    logits = model.prefill(idx, cache, valid)
+    nxt = logits.argmax(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            nxt = model.decode_step(nxt, cache).argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cuda_graph_replay_equals_eager(dtype):
+    model = make_model(device="cuda", dtype=dtype)
+    idx, valid, _ = left_padded([5, 12, 1, 7], device="cuda")
+    eager = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2)
+    eager_drops = model.last_decode_cache.drops.clone()
+    graphed = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, cuda_graph=True)
+    assert torch.equal(graphed, eager)
+    assert torch.equal(model.last_decode_cache.drops, eager_drops)
+    again = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, cuda_graph=True)
+    assert torch.equal(again, eager) and len(model._decode_graphs) == 1  # captured once, replayed
