@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
+from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, Results, add_common_args, env_info, judge, md_table, median_time, print_env, setup  # noqa: E402
+from common import DTYPES, Results, add_common_args, env_info, judge, md_table, print_env, setup  # noqa: E402
 
 from mod_ext.decode import DecodeGraph  # noqa: E402
 from mod_ext.models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     add_common_args(p)
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8,64; quick 1,8)")
     p.add_argument("--context", default=None,
-                   help="comma-separated cache lengths (default CPU 256,1024; GPU 256,1024,2048,4096; quick 256)")
+                   help="comma-separated cache lengths (default CPU 256,1024,2048; GPU 256,1024,2048,4096; quick 256)")
     p.add_argument("--d-model", type=int, default=None, help="width (default CPU 512, GPU 2048, quick 128)")
     p.add_argument("--n-layer", type=int, default=None, help="layers (default CPU 8, GPU 16, quick 4)")
     p.add_argument("--n-head", type=int, default=None, help="heads (default d_model / 64)")
@@ -53,16 +55,43 @@ def parse_args(argv=None):
     p.add_argument("--mod-every", type=int, default=2, help="every n-th layer is MoD (default 2)")
     p.add_argument("--cuda-graph", choices=["both", "on", "off"], default="both",
                    help="CUDA only: time eager steps, graph replays, or both (default both)")
+    p.add_argument("--path", default=None,
+                   help="MoD decode paths, comma-separated: static (sync-free, CUDA-graph capturable) and/or "
+                        "dynamic (eager; the block runs on routed rows only). Default: CPU static,dynamic; CUDA static")
     args = p.parse_args(argv)
     setup(args)
     gpu = args.gpu_shapes
     args.batch = [int(b) for b in (args.batch or ("1,8" if args.quick else "1,8,64")).split(",")]
     args.context = [int(c) for c in (args.context or ("256" if args.quick else
-                                                      "256,1024,2048,4096" if gpu else "256,1024")).split(",")]
+                                                      "256,1024,2048,4096" if gpu else "256,1024,2048")).split(",")]
     args.d_model = args.d_model or (128 if args.quick else 2048 if gpu else 512)
     args.n_layer = args.n_layer or (4 if args.quick else 16 if gpu else 8)
     args.n_head = args.n_head or max(1, args.d_model // 64)
+    args.path = (args.path or ("static" if args.device == "cuda" else "static,dynamic")).split(",")
+    if not set(args.path) <= {"static", "dynamic"}:
+        p.error(f"--path: static and/or dynamic, got {args.path}")
     return args
+
+
+def calibrate_routing(model, capacity_factor, batch=64, steps=8):
+    """Shift each MoD layer's predictor bias so that about a fraction c of tokens want the
+    layer (score > 0), as with a trained predictor (the demo's route 12-16%); a random
+    predictor would route about half. Only the dynamic path's time depends on it."""
+    device = model.wte.weight.device
+    for i, layer in enumerate(model.mod_layers):  # in depth order: later layers see the shifted earlier ones
+        seen = []
+        hook = layer.predictor.register_forward_hook(lambda mod, a, out: seen.append(out.detach().float().flatten()))
+        cache = model.allocate_cache(batch, static=True)
+        synthetic_state(cache)
+        tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
+        with torch.no_grad():
+            for _ in range(steps):
+                model.decode_step(tokens, cache)
+                tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
+        hook.remove()
+        q = torch.quantile(torch.cat(seen), 1 - capacity_factor)
+        with torch.no_grad():
+            layer.predictor.net[2].bias -= q.to(layer.predictor.net[2].bias.dtype)
 
 
 def synthetic_state(cache):
@@ -80,22 +109,44 @@ def synthetic_state(cache):
     cache.n_written = 1
 
 
-def time_steps(model, cache, graph, args):
-    tokens = torch.randint(0, model.cfg.vocab_size, (cache.batch,), device=cache.device)
+def step_fn(model, cache, graph):
+    """One decode step (eager or graph replay); rewinds the write column before the cache
+    would overflow (a few tiny ops once per max_len steps)."""
+    # Different random tokens every step (cycled from a table), so routing decisions vary
+    # as in real decoding; with one fixed token a B = 1 row would route always or never.
+    g = torch.Generator().manual_seed(0)
+    table = torch.randint(0, model.cfg.vocab_size, (64, cache.batch), generator=g).to(cache.device)
     step = graph.step if graph is not None else (lambda t: model.decode_step(t, cache))
     fills = [lc.fill.clone() for lc in cache.mod_layers]
+    calls = [0]
 
     def fn():
-        if cache.n_written >= cache.max_len - 1:  # wrap around: rewind the write column
+        if cache.n_written >= cache.max_len - 1:
             cache.col.fill_(1)
             cache.pos.fill_(1)
             for lc, f in zip(cache.mod_layers, fills):
                 lc.fill.copy_(f)
             cache.n_written = 1
-        return step(tokens)
+        calls[0] += 1
+        return step(table[calls[0] % 64])
 
-    with torch.no_grad():
-        return median_time(fn, args.repeats, warmup=3)
+    return fn
+
+
+def interleaved_medians(fns, repeats, block_s=0.05, warmup=3):
+    """Median seconds per call of each fn, timing their blocks in turn (dense, MoD, dense,
+    ...) so that load changes on a shared machine hit both alike."""
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for fn in fns]
+    numbers = []
+    for fn, timer in zip(fns, timers):
+        for _ in range(warmup):
+            fn()
+        numbers.append(max(1, int(block_s / max(timer.timeit(1).median, 1e-9))))
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, (timer, n) in enumerate(zip(timers, numbers)):
+            samples[i].append(timer.timeit(n).median)
+    return [statistics.median(x) for x in samples]
 
 
 def main(argv=None):
@@ -114,20 +165,27 @@ def main(argv=None):
         for name, cfg in [("dense", dense_config(mod_cfg)), ("mod", mod_cfg)]:
             torch.manual_seed(0)
             models[name] = MoDTransformer(cfg).to(device=dev, dtype=dt).eval()
+        calibrate_routing(models["mod"], args.capacity)
         for batch in args.batch:
             for cuda_graph in graph_modes:
-                times = {}
-                for name, model in models.items():
-                    cache = model.allocate_cache(batch)
+                # (model, path): the dense model has one path; graphs need the static one.
+                variants = [("dense", "static")] + [("mod", p) for p in args.path if not (cuda_graph and p == "dynamic")]
+                caches, fns = {}, []
+                for name, path in variants:
+                    model = models[name]
+                    cache = caches[(name, path)] = model.allocate_cache(batch, static=path == "static")
                     graph = DecodeGraph(model, cache) if cuda_graph else None
                     synthetic_state(cache)
-                    t = time_steps(model, cache, graph, args)
-                    times[name] = t
+                    fns.append(step_fn(model, cache, graph))
+                with torch.no_grad():
+                    times = dict(zip(variants, interleaved_medians(fns, args.repeats)))
+                for (name, path), cache in caches.items():
+                    t = times[(name, path)]
                     layer_bytes = cache.layer_bytes_per_seq()
                     dense_b = [n for n, lc in zip(layer_bytes, cache.layers) if not lc.is_mod]
                     mod_b = [n for n, lc in zip(layer_bytes, cache.layers) if lc.is_mod]
-                    row = {"model": name, "batch": batch, "context": context, "cuda_graph": cuda_graph,
-                           "step_ms": t * 1e3, "tokens_per_s": batch / t,
+                    row = {"model": name, "path": path if name == "mod" else "-", "batch": batch, "context": context,
+                           "cuda_graph": cuda_graph, "step_ms": t * 1e3, "tokens_per_s": batch / t,
                            "cache_bytes_per_seq": cache.bytes_per_seq(),
                            "decode_capacity": cache.decode_capacity if mod_b else None,
                            "cache_slots": cache.slots if mod_b else None}
@@ -135,7 +193,7 @@ def main(argv=None):
                         row["mod_layer_cache_ratio"] = max(mod_b) / min(dense_b)
                         row["cache_ratio_status"] = judge(row["mod_layer_cache_ratio"], CACHE_RATIO_TARGET, False)
                     if name == "mod":
-                        row["speedup_vs_dense"] = times["dense"] / t
+                        row["speedup_vs_dense"] = times[("dense", "static")] / t
                         tgt = None
                         if dev.type == "cpu" and batch == CPU_TARGET["batch"]:
                             tgt = CPU_TARGET["speedup"]
@@ -146,12 +204,12 @@ def main(argv=None):
                             row["target"] = f">= {tgt}x dense"
                             row["status"] = judge(row["speedup_vs_dense"], tgt, True)
                     rows.add(row)
-                    print(f"  {name:5s} B={batch:<3d} context={context:<5d} graph={int(cuda_graph)}: "
-                          f"{t * 1e3:8.3f} ms/step {batch / t:10.1f} tokens/s  cache {row['cache_bytes_per_seq'] / 2**20:.2f} "
-                          f"MiB/seq", flush=True)
-                    del cache, graph
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
+                    print(f"  {name:5s} {row['path']:7s} B={batch:<3d} context={context:<5d} graph={int(cuda_graph)}: "
+                          f"{t * 1e3:8.3f} ms/step {batch / t:10.1f} tokens/s  cache "
+                          f"{row['cache_bytes_per_seq'] / 2**20:.2f} MiB/seq", flush=True)
+                del caches, fns
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
         del models
 
     print(f"\nd_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} vocab={args.vocab} "
@@ -163,7 +221,7 @@ def main(argv=None):
 def _table(rows):
     for r in rows:
         r.setdefault("cache_mib", r["cache_bytes_per_seq"] / 2**20)
-    out = md_table(rows, [("model", "model", ""), ("B", "batch", ""), ("context", "context", ""),
+    out = md_table(rows, [("model", "model", ""), ("path", "path", ""), ("B", "batch", ""), ("context", "context", ""),
                           ("CUDA graph", "cuda_graph", ""), ("ms / step", "step_ms", ".3f"),
                           ("tokens / s", "tokens_per_s", ",.1f"), ("MoD speedup", "speedup_vs_dense", ".2f"),
                           ("cache MiB / seq", "cache_mib", ".2f"),

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine (H200, no network, PyTorch preinstalled): build the
-# extension, print build_info, run the CUDA tests, then both benchmarks at the GPU shapes.
+# extension, print build_info, run the CUDA tests, then the benchmarks at the GPU shapes.
 # Everything (logs, JSON, summary) goes to ${OUT:-bench_out}/. Finishes in < 8 minutes:
 # every step runs under `timeout`, capped by what is left of the overall budget; the
 # eager benchmarks come first (they also check mod_ext against the baselines), then the
-# CUDA tests, then the torch.compile runs (their JSON is rewritten after every row, so a
-# run cut short by its timeout keeps what it measured).
+# decode benchmark (eager and CUDA graphs), the CUDA tests, then the torch.compile runs
+# (their JSON is rewritten after every row, so a run cut short by its timeout keeps what
+# it measured).
 #
 #   bash benchmarks/run_gpu.sh            # or: OUT=/some/dir bash benchmarks/run_gpu.sh
 set -o pipefail
@@ -51,6 +52,7 @@ fi
 
 step ops_eager 60 python benchmarks/bench_ops.py --device cuda --no-compile --json "$OUT/ops_cuda_eager.json"
 step block_eager 60 python benchmarks/bench_block.py --device cuda --no-compile --json "$OUT/block_cuda_eager.json"
+step decode 120 python benchmarks/bench_decode.py --device cuda --json "$OUT/decode_cuda.json"
 step tests 90 python -m pytest tests -q -x -k cuda
 step ops_compiled 120 python benchmarks/bench_ops.py --device cuda --compile --json "$OUT/ops_cuda.json"
 step block_compiled 300 python benchmarks/bench_block.py --device cuda --compile --capacity 0.125 \

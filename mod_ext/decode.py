@@ -26,9 +26,11 @@ Semantics (docs/MOD_SPEC.md sections 2-4; Raposo et al. 2024, arXiv 2404.02258, 
   is full, or it lost the decode-capacity top-k, or the prompt already had ``limit``
   routed tokens) is counted in ``MoDKVCache.drops`` (n_mod_layers, B).
 
-Everything in :func:`decode_step` is static-shaped and free of host syncs, so one step
-(embedding -> logits) is captured in a CUDA graph and replayed (``generate(...,
-cuda_graph=True)``); on the CPU the same function runs eagerly.
+With a static cache (the default on CUDA) everything in :func:`decode_step` is
+static-shaped and free of host syncs, so one step (embedding -> logits) is captured in a
+CUDA graph and replayed (``generate(..., cuda_graph=True)``). On the CPU the default is
+the dynamic path of the same function: a MoD layer runs its block on the routed rows only
+and skips it when none is routed (at B = 1 that is most steps), with the same results.
 """
 
 from __future__ import annotations
@@ -126,15 +128,20 @@ class MoDKVCache:
         drops: (n_mod_layers, B) int64 routed-but-dropped tokens per MoD layer and sequence.
         batch, max_len, decode_capacity, slots (MoD cache slots per sequence, without
         the scratch slot), n_written (host-side mirror of ``col``).
+        static: True = the decode step is static-shaped and sync-free (every MoD layer
+            runs its block on decode_capacity rows, padding included); False = eager
+            dynamic path: the block runs on the routed rows only and is skipped when
+            none is routed (same results; reads the routing decision on the host).
     """
 
     def __init__(
         self, model: "MoDTransformer", batch: int, max_len: int, cache_capacity_factor: float,
-        decode_capacity: int, device: torch.device, dtype: torch.dtype,
+        decode_capacity: int, device: torch.device, dtype: torch.dtype, static: bool = True,
     ):
         cfg = model.cfg
         nh, hs = cfg.n_head, cfg.d_model // cfg.n_head
         self.batch, self.max_len, self.decode_capacity = batch, max_len, decode_capacity
+        self.static = static
         self.cache_capacity_factor = cache_capacity_factor
         self.slots = capacity_for(max_len, cache_capacity_factor)
         self.device, self.dtype = device, dtype
@@ -194,6 +201,7 @@ def allocate_cache(
     model: "MoDTransformer", batch: int, max_len: Optional[int] = None, *,
     cache_capacity_factor: Optional[float] = None, decode_capacity: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+    static: Optional[bool] = None,
 ) -> MoDKVCache:
     """See :meth:`MoDTransformer.allocate_cache`."""
     cfg = model.cfg
@@ -214,8 +222,10 @@ def allocate_cache(
             f"allocate_cache: decode_capacity must be an int in [1, batch = {batch}], got {decode_capacity!r}"
         )
     p = model.wte.weight
-    return MoDKVCache(model, batch, max_len, float(ccf), decode_capacity,
-                      torch.device(device) if device is not None else p.device, dtype or p.dtype)
+    device = torch.device(device) if device is not None else p.device
+    if static is None:
+        static = device.type != "cpu"
+    return MoDKVCache(model, batch, max_len, float(ccf), decode_capacity, device, dtype or p.dtype, bool(static))
 
 
 def _check_valid_prompt(idx: Tensor, valid: Optional[Tensor], where: str) -> Tensor:
@@ -312,35 +322,44 @@ def _decode_mod_layer(layer: MoDBlock, lc: LayerCache, x: Tensor, cache: MoDKVCa
     selected = torch.zeros_like(want).scatter(0, idx[0], slot_mask[0])  # (B,)
     cache.drops[m] += (want & ~selected).long()
     idx1, mask1 = idx[0], slot_mask[0]  # (Dc,)
+    if not cache.static and not torch.compiler.is_compiling():
+        # Dynamic path (eager, CPU by default): run the block on the routed rows only and
+        # skip it when none is routed. Reading the mask is a host sync on a GPU, which is
+        # why static caches (the default there, and what CUDA graphs need) never do this.
+        idx1 = idx1[mask1]
+        if idx1.numel() == 0:
+            return x
+        mask1 = torch.ones_like(idx1, dtype=torch.bool)
+    n = idx1.shape[0]
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = torch.matmul(x[:, 0].to(acc), layer.router_weight.to(acc)) + layer.router_bias.to(acc)  # (B,)
     z_sel = z.gather(0, idx1)
     r = torch.sigmoid(z_sel) if layer.router_activation == "sigmoid" else z_sel
-    r = torch.where(mask1, r, torch.zeros_like(r))  # (Dc,) padding slots: router weight 0
+    r = torch.where(mask1, r, 0.0)  # (n,) padding slots: router weight 0
 
-    x_sel = gather_tokens(x.view(1, B, D), idx).view(Dc, 1, D)
-    pos_sel = cache.pos.gather(0, idx1)[:, None]  # (Dc, 1) true positions
-    fill_sel = lc.fill.gather(0, idx1)  # (Dc,) before this token
-    slot = torch.where(mask1, fill_sel, torch.full_like(fill_sel, lc.scratch))
+    x_sel = gather_tokens(x.view(1, B, D), idx1.view(1, n)).view(n, 1, D)
+    pos_sel = cache.pos.gather(0, idx1)[:, None]  # (n, 1) true positions
+    fill_sel = lc.fill.gather(0, idx1)  # (n,) before this token
+    slot = torch.where(mask1, fill_sel, lc.scratch)
 
-    def write(k, v):  # (Dc, 1, nh, hs)
+    def write(k, v):  # (n, 1, nh, hs)
         lc.k[idx1, slot] = k[:, 0]
         lc.v[idx1, slot] = v[:, 0]
         lc.fill.scatter_add_(0, idx1, mask1.long())
 
     def read():
-        keys, values = lc.k.index_select(0, idx1), lc.v.index_select(0, idx1)  # (Dc, L, nh, hs)
-        n = fill_sel + mask1.long()
+        keys, values = lc.k.index_select(0, idx1), lc.v.index_select(0, idx1)  # (n, L, nh, hs)
+        count = fill_sel + mask1.long()
         ar = cache.mod_slot_arange[None, :]
         # A routed token sees its sequence's routed tokens (itself included); a padding
         # slot sees only the scratch slot it wrote (keeps the softmax finite).
-        key_mask = (ar < n[:, None]) | ((ar == lc.scratch) & ~mask1[:, None])
+        key_mask = (ar < count[:, None]) | ((ar == lc.scratch) & ~mask1[:, None])
         return keys, values, key_mask
 
-    f = layer.block.forward_cached(x_sel, pos_sel, write, read)  # (Dc, 1, D)
-    f = torch.where(mask1[:, None, None], f.to(x.dtype), torch.full_like(x_sel, -0.0))
-    return scatter_add_weighted_(x.view(1, B, D), f.view(1, Dc, D), idx, r.view(1, Dc).to(acc)).view(B, 1, D)
+    f = layer.block.forward_cached(x_sel, pos_sel, write, read)  # (n, 1, D)
+    f = torch.where(mask1[:, None, None], f.to(x.dtype), -0.0)
+    return scatter_add_weighted_(x.view(1, B, D), f.view(1, n, D), idx1.view(1, n), r.view(1, n).to(acc)).view(B, 1, D)
 
 
 @torch.no_grad()
@@ -403,6 +422,8 @@ class DecodeGraph:
     """
 
     def __init__(self, model: "MoDTransformer", cache: MoDKVCache):
+        if not cache.static:
+            raise ValueError("DecodeGraph: the cache must be static (allocate_cache(..., static=True))")
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(cache.batch, dtype=torch.int64, device=cache.device)
         cache.reset()
@@ -432,7 +453,7 @@ def generate_cached(
     top_k: Optional[int] = None, generator: Optional[torch.Generator] = None, valid: Optional[Tensor] = None,
     stop_tokens: Optional[Sequence[int]] = None, pad_token: Optional[int] = None, cuda_graph: bool = False,
     max_len: Optional[int] = None, decode_capacity: Optional[int] = None,
-    cache_capacity_factor: Optional[float] = None, check_every: int = 16,
+    cache_capacity_factor: Optional[float] = None, static: Optional[bool] = None, check_every: int = 16,
 ) -> Tensor:
     """See :meth:`MoDTransformer.generate` (use_cache=True)."""
     B, T = idx.shape
@@ -450,14 +471,14 @@ def generate_cached(
         graphs: Dict[Tuple, DecodeGraph] = model._decode_graphs
         if key not in graphs:
             cache = allocate_cache(model, B, max_len, cache_capacity_factor=cache_capacity_factor,
-                                   decode_capacity=decode_capacity, device=idx.device)
+                                   decode_capacity=decode_capacity, device=idx.device, static=True)
             graphs[key] = DecodeGraph(model, cache)
         graph = graphs[key]
         cache = graph.cache
         step = graph.step
     else:
         cache = allocate_cache(model, B, max_len, cache_capacity_factor=cache_capacity_factor,
-                               decode_capacity=decode_capacity, device=idx.device)
+                               decode_capacity=decode_capacity, device=idx.device, static=static)
 
         def step(tokens):
             return model.decode_step(tokens, cache)

@@ -388,6 +388,7 @@ class MoDTransformer(nn.Module):
     def allocate_cache(
         self, batch: int, max_len: Optional[int] = None, *, cache_capacity_factor: Optional[float] = None,
         decode_capacity: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
+        static: Optional[bool] = None,
     ) -> MoDKVCache:
         """A static KV cache for ``batch`` sequences of up to ``max_len`` columns.
 
@@ -406,12 +407,18 @@ class MoDTransformer(nn.Module):
                 [1, B]); default :func:`mod_ext.decode.default_decode_capacity`
                 (ceil(c*B) plus three binomial standard deviations of headroom).
             device, dtype: default the model's.
+            static: True = static-shaped, sync-free decode steps (each MoD layer runs
+                its block on decode_capacity rows, padding included; needed for CUDA
+                graphs and torch.compile); False = eager dynamic path (the block runs on
+                the routed rows only, skipped when none is routed; same results, one
+                host read of the routing decision per MoD layer). Default: True on CUDA,
+                False on the CPU.
 
         Raises:
             ValueError: an argument out of range (the message names it).
         """
         return _decode.allocate_cache(self, batch, max_len, cache_capacity_factor=cache_capacity_factor,
-                                      decode_capacity=decode_capacity, device=device, dtype=dtype)
+                                      decode_capacity=decode_capacity, device=device, dtype=dtype, static=static)
 
     def prefill(self, idx: Tensor, cache: MoDKVCache, valid: Optional[Tensor] = None) -> Tensor:
         """Run the prompt idx (B, T) int64 through the model with causal routing and fill
@@ -435,8 +442,10 @@ class MoDTransformer(nn.Module):
         row's valid columns. At each MoD layer the B tokens are routed causally
         (score > 0, cache not full, sequence active); the ``cache.decode_capacity``
         highest-scoring of them run the block against their own cached routed tokens
-        and the rest are dropped and counted in ``cache.drops``. Static-shaped and free
-        of host syncs (CUDA-graph capturable; see ``generate(cuda_graph=True)``).
+        and the rest are dropped and counted in ``cache.drops``. With a static cache
+        (``cache.static``, the default on CUDA) the step is static-shaped and free of
+        host syncs (CUDA-graph capturable; see ``generate(cuda_graph=True)``); with a
+        dynamic one (the CPU default) MoD layers run their block on the routed rows only.
 
         Raises:
             ValueError: tokens not (B,) int64 on the cache's device, an empty (not
@@ -470,6 +479,7 @@ class MoDTransformer(nn.Module):
         max_len: Optional[int] = None,
         decode_capacity: Optional[int] = None,
         cache_capacity_factor: Optional[float] = None,
+        static: Optional[bool] = None,
     ) -> Tensor:
         """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
 
@@ -497,7 +507,8 @@ class MoDTransformer(nn.Module):
                 (CUDA only; the graph and its cache are kept until
                 :meth:`clear_decode_graphs`).
             max_len: cache columns (default block_size); needs T + max_new_tokens - 1 <= max_len.
-            decode_capacity, cache_capacity_factor: see :meth:`allocate_cache`.
+            decode_capacity, cache_capacity_factor, static: see :meth:`allocate_cache`
+                (cuda_graph=True always uses a static cache).
 
         Raises:
             ValueError: bad prompt / valid mask, a prompt + new tokens that do not fit the
@@ -525,6 +536,7 @@ class MoDTransformer(nn.Module):
                 self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
                 valid=valid, stop_tokens=stop_tokens, pad_token=pad_token, cuda_graph=cuda_graph,
                 max_len=max_len, decode_capacity=decode_capacity, cache_capacity_factor=cache_capacity_factor,
+                static=static,
             )
         if cuda_graph:
             raise ValueError("generate: cuda_graph=True needs use_cache=True")

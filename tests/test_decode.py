@@ -76,15 +76,16 @@ def greedy_decode(model, idx, valid, steps, cache, before_step=None):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
 @pytest.mark.parametrize("causal_router", ["predictor", "router"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_cache_decode_matches_full_recompute(device, dtype, causal_router):
+def test_cache_decode_matches_full_recompute(device, dtype, causal_router, static):
     model = make_model(causal_router=causal_router, device=device, dtype=dtype)
     lengths = [5, 11, 1, 8]
     idx, valid, prompts = left_padded(lengths, device=device)
     B, steps = len(lengths), 30
-    cache = model.allocate_cache(B, decode_capacity=B)  # every routed token fits each step
+    cache = model.allocate_cache(B, decode_capacity=B, static=static)  # every routed token fits each step
     logits = greedy_decode(model, idx, valid, steps, cache)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
     seqs = [p.clone() for p in prompts]
@@ -153,12 +154,13 @@ def poison_unused_entries(cache):
         lc.v[unused] = -POISON
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_skipped_tokens_are_never_attended(device):
+def test_skipped_tokens_are_never_attended(device, static):
     model = make_model(device=device)
     idx, valid, _ = left_padded([6, 2, 10], device=device)
-    ref = greedy_decode(model, idx, valid, 20, model.allocate_cache(3, decode_capacity=3))
-    cache = model.allocate_cache(3, decode_capacity=3)
+    ref = greedy_decode(model, idx, valid, 20, model.allocate_cache(3, decode_capacity=3, static=static))
+    cache = model.allocate_cache(3, decode_capacity=3, static=static)
     got = greedy_decode(model, idx, valid, 20, cache, before_step=poison_unused_entries)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -190,11 +192,12 @@ def test_poisoning_a_filled_slot_changes_the_logits():
 # --------------------------------------------------------------------------------------
 
 
-def test_decode_capacity_keeps_the_highest_scores_and_counts_drops():
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_decode_capacity_keeps_the_highest_scores_and_counts_drops(static):
     model = make_model(predictor_bias=20.0)  # every token wants every MoD layer
     B, Dc = 5, 2
     idx, valid, _ = left_padded([3, 3, 3, 3, 3])
-    cache = model.allocate_cache(B, decode_capacity=Dc)
+    cache = model.allocate_cache(B, decode_capacity=Dc, static=static)
     logits = model.prefill(idx, cache, valid)
     scores = {}
     hooks = [m.predictor.register_forward_hook(lambda mod, a, out, i=i: scores.__setitem__(i, out.detach()))
@@ -214,12 +217,19 @@ def test_decode_capacity_keeps_the_highest_scores_and_counts_drops():
         h.remove()
 
 
-def test_unused_decode_slots_are_padding():
-    """Fewer routed tokens than slots: padding slots write nothing and change nothing."""
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_unused_decode_slots_are_padding(static):
+    """Fewer routed tokens than slots: padding slots write nothing and change nothing;
+    the static path still runs every MoD block (on padding), the dynamic one skips it."""
     model = make_model(predictor_bias=-20.0)  # nothing wants a MoD layer
     idx, valid, prompts = left_padded([4, 7, 2])
-    cache = model.allocate_cache(3, decode_capacity=3)
+    cache = model.allocate_cache(3, decode_capacity=3, static=static)
+    calls = []
+    for m in model.mod_layers:
+        orig = m.block.forward_cached
+        m.block.forward_cached = lambda *a, orig=orig: calls.append(1) or orig(*a)
     logits = greedy_decode(model, idx, valid, 6, cache)
+    assert len(calls) == (6 * len(model.mod_layers) if static else 0)
     assert cache.fill_counts().sum() == 0 and cache.drops.sum() == 0
     seqs = list(prompts)
     for lg in logits:
@@ -229,10 +239,11 @@ def test_unused_decode_slots_are_padding():
         seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
 
 
-def test_full_cache_drops_further_tokens():
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_full_cache_drops_further_tokens(static):
     model = make_model(predictor_bias=20.0)
     idx, valid, _ = left_padded([9, 3])
-    cache = model.allocate_cache(2, cache_capacity_factor=0.125, decode_capacity=2)  # 48 * 0.125 = 6 slots
+    cache = model.allocate_cache(2, cache_capacity_factor=0.125, decode_capacity=2, static=static)  # 48 * 0.125 = 6 slots
     assert cache.slots == 6 and all(lc.limit == 6 for lc in cache.mod_layers)
     model.prefill(idx, cache, valid)
     assert cache.fill_counts().tolist() == [[6, 3], [6, 3]]
@@ -268,16 +279,17 @@ def test_default_decode_capacity():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_with_cache_equals_recompute(device):
+def test_generate_with_cache_equals_recompute(device, static):
     model = make_model(device=device)
     idx, valid, _ = left_padded([5, 12, 1], device=device)
-    a = model.generate(idx, 25, temperature=0, valid=valid, decode_capacity=3)
+    a = model.generate(idx, 25, temperature=0, valid=valid, decode_capacity=3, static=static)
     b = model.generate(idx, 25, temperature=0, valid=valid, use_cache=False)
     assert torch.equal(a, b)
     assert a.shape == (3, 12 + 25) and torch.equal(a[:, :12], idx)
     # Sampling with temperature and top-k draws the same tokens from the same generator.
-    a = model.generate(idx, 25, temperature=0.9, top_k=8, valid=valid, decode_capacity=3,
+    a = model.generate(idx, 25, temperature=0.9, top_k=8, valid=valid, decode_capacity=3, static=static,
                        generator=torch.Generator(device).manual_seed(3))
     b = model.generate(idx, 25, temperature=0.9, top_k=8, valid=valid, use_cache=False,
                        generator=torch.Generator(device).manual_seed(3))
@@ -376,7 +388,8 @@ def test_decode_step_compiles_without_graph_breaks():
 
     model = make_model()
     idx, valid, _ = left_padded([4, 9])
-    eager_cache, compiled_cache = model.allocate_cache(2, decode_capacity=1), model.allocate_cache(2, decode_capacity=1)
+    eager_cache = model.allocate_cache(2, decode_capacity=1, static=True)
+    compiled_cache = model.allocate_cache(2, decode_capacity=1, static=True)
     step = torch.compile(decode_step, fullgraph=True, dynamic=False)
     a, b = model.prefill(idx, eager_cache, valid), model.prefill(idx, compiled_cache, valid)
     for _ in range(3):
