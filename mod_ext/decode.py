@@ -157,7 +157,8 @@ class MoDKVCache:
                 shape = (batch, max_len, nh, hs)
                 self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
                                               torch.zeros(shape, dtype=dtype, device=device)))
-        n_mod = sum(lc.is_mod for lc in self.layers)
+        self.mod_layer_ids = [i for i, lc in enumerate(self.layers) if lc.is_mod]  # depth of each MoD layer
+        n_mod = len(self.mod_layer_ids)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.col = torch.zeros(1, dtype=torch.int64, device=device)
         self.pos = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -187,6 +188,10 @@ class MoDKVCache:
     def fill_counts(self) -> Tensor:
         """(n_mod_layers, B) int64 routed tokens held by each MoD layer's cache."""
         return torch.stack([lc.fill for lc in self.mod_layers]) if self.mod_layers else self.drops.new_zeros(0, self.batch)
+
+    def drops_per_layer(self) -> Dict[int, int]:
+        """{layer depth: routed-but-dropped tokens summed over the batch} (one host sync)."""
+        return dict(zip(self.mod_layer_ids, self.drops.sum(1).tolist()))
 
     def bytes_per_seq(self) -> int:
         """KV-cache bytes per sequence over all layers (keys, values, fill counts)."""

@@ -252,6 +252,7 @@ def test_full_cache_drops_further_tokens(static):
         model.decode_step(torch.zeros(2, dtype=torch.int64), cache)
     assert cache.fill_counts().tolist() == [[6, 6], [6, 6]]
     assert cache.drops.tolist() == [[8, 2], [8, 2]]
+    assert cache.drops_per_layer() == {1: 10, 3: 10}  # keyed by layer depth
 
 
 def test_mod_layer_cache_is_a_fraction_of_a_dense_layer():
@@ -263,6 +264,21 @@ def test_mod_layer_cache_is_a_fraction_of_a_dense_layer():
     assert dense and mod
     assert max(mod) <= 0.3 * min(dense)
     assert cache.slots == 32 and cache.bytes_per_seq() == sum(per_layer)
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_bfloat16_decode_runs_and_tracks_recompute(static):
+    """bf16 model and cache: finite logits that track the float32 recompute of the same
+    bf16 weights to bf16 precision at the prefill (routing may flip between dtypes later)."""
+    model = make_model(dtype=torch.bfloat16)
+    idx, valid, prompts = left_padded([4, 9])
+    cache = model.allocate_cache(2, decode_capacity=2, static=static)
+    assert cache.layers[0].k.dtype == torch.bfloat16
+    logits = greedy_decode(model, idx, valid, 12, cache)
+    assert all(torch.isfinite(lg.float()).all() for lg in logits)
+    ref = make_model(dtype=torch.bfloat16).float()
+    for b in range(2):
+        torch.testing.assert_close(logits[0][b].float(), recompute_last_logits(ref, prompts[b]), rtol=2e-2, atol=1e-2)
 
 
 def test_default_decode_capacity():
