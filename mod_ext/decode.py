@@ -36,7 +36,7 @@ and skips it when none is routed (at B = 1 that is most steps), with the same re
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +205,6 @@ class MoDKVCache:
 def allocate_cache(
     model: "MoDTransformer", batch: int, max_len: Optional[int] = None, *,
     cache_capacity_factor: Optional[float] = None, decode_capacity: Optional[int] = None,
-    device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
     static: Optional[bool] = None,
 ) -> MoDKVCache:
     """See :meth:`MoDTransformer.allocate_cache`."""
@@ -226,11 +225,21 @@ def allocate_cache(
         raise ValueError(
             f"allocate_cache: decode_capacity must be an int in [1, batch = {batch}], got {decode_capacity!r}"
         )
-    p = model.wte.weight
-    device = torch.device(device) if device is not None else p.device
+    p = model.wte.weight  # the cache lives on the model's device, in its dtype
     if static is None:
-        static = device.type != "cpu"
-    return MoDKVCache(model, batch, max_len, float(ccf), decode_capacity, device, dtype or p.dtype, bool(static))
+        static = p.device.type != "cpu"
+    return MoDKVCache(model, batch, max_len, float(ccf), decode_capacity, p.device, p.dtype, bool(static))
+
+
+def check_cache_matches(model: "MoDTransformer", cache: MoDKVCache, where: str) -> None:
+    """ValueError when the model was moved or cast after the cache was allocated."""
+    p = model.wte.weight
+    if p.device != cache.device or p.dtype != cache.dtype or len(model.layers) != len(cache.layers):
+        raise ValueError(
+            f"{where}: the cache was allocated for a model on {cache.device} in {cache.dtype} with "
+            f"{len(cache.layers)} layers; this model is on {p.device} in {p.dtype} with {len(model.layers)} "
+            "layers: allocate a new cache"
+        )
 
 
 def _check_valid_prompt(idx: Tensor, valid: Optional[Tensor], where: str) -> Tensor:
@@ -256,6 +265,7 @@ def _check_valid_prompt(idx: Tensor, valid: Optional[Tensor], where: str) -> Ten
 def prefill(model: "MoDTransformer", idx: Tensor, cache: MoDKVCache, valid: Optional[Tensor] = None) -> Tensor:
     """See :meth:`MoDTransformer.prefill`."""
     valid = _check_valid_prompt(idx, valid, "prefill")
+    check_cache_matches(model, cache, "prefill")
     B, T = idx.shape
     if B != cache.batch:
         raise ValueError(f"prefill: idx has batch {B}, the cache was allocated for batch {cache.batch}")
@@ -476,14 +486,14 @@ def generate_cached(
         graphs: Dict[Tuple, DecodeGraph] = model._decode_graphs
         if key not in graphs:
             cache = allocate_cache(model, B, max_len, cache_capacity_factor=cache_capacity_factor,
-                                   decode_capacity=decode_capacity, device=idx.device, static=True)
+                                   decode_capacity=decode_capacity, static=True)
             graphs[key] = DecodeGraph(model, cache)
         graph = graphs[key]
         cache = graph.cache
         step = graph.step
     else:
         cache = allocate_cache(model, B, max_len, cache_capacity_factor=cache_capacity_factor,
-                               decode_capacity=decode_capacity, device=idx.device, static=static)
+                               decode_capacity=decode_capacity, static=static)
 
         def step(tokens):
             return model.decode_step(tokens, cache)

@@ -387,14 +387,15 @@ class MoDTransformer(nn.Module):
 
     def allocate_cache(
         self, batch: int, max_len: Optional[int] = None, *, cache_capacity_factor: Optional[float] = None,
-        decode_capacity: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
-        static: Optional[bool] = None,
+        decode_capacity: Optional[int] = None, static: Optional[bool] = None,
     ) -> MoDKVCache:
         """A static KV cache for ``batch`` sequences of up to ``max_len`` columns.
 
         Dense layers hold (batch, max_len, n_head, head_size) keys and values; each MoD
         layer holds only its routed tokens: ``capacity_for(max_len,
         cache_capacity_factor)`` slots per sequence (+1 scratch slot) and a fill count.
+        The cache lives on the model's device in the model's dtype (move/cast the
+        model first).
 
         Args:
             batch: B, sequences decoded together.
@@ -406,7 +407,6 @@ class MoDTransformer(nn.Module):
             decode_capacity: block slots per MoD layer in one decode step (an int in
                 [1, B]); default :func:`mod_ext.decode.default_decode_capacity`
                 (ceil(c*B) plus three binomial standard deviations of headroom).
-            device, dtype: default the model's.
             static: True = static-shaped, sync-free decode steps (each MoD layer runs
                 its block on decode_capacity rows, padding included; needed for CUDA
                 graphs and torch.compile); False = eager dynamic path (the block runs on
@@ -418,7 +418,7 @@ class MoDTransformer(nn.Module):
             ValueError: an argument out of range (the message names it).
         """
         return _decode.allocate_cache(self, batch, max_len, cache_capacity_factor=cache_capacity_factor,
-                                      decode_capacity=decode_capacity, device=device, dtype=dtype, static=static)
+                                      decode_capacity=decode_capacity, static=static)
 
     def prefill(self, idx: Tensor, cache: MoDKVCache, valid: Optional[Tensor] = None) -> Tensor:
         """Run the prompt idx (B, T) int64 through the model with causal routing and fill
@@ -452,6 +452,7 @@ class MoDTransformer(nn.Module):
                 prefilled) cache, or a full one (max_len columns written).
         """
         _decode.check_decode_inputs(tokens, cache)
+        _decode.check_cache_matches(self, cache, "decode_step")
         logits = _decode.decode_step(self, tokens, cache)
         cache.n_written += 1
         return logits

@@ -376,6 +376,9 @@ def test_errors():
         model.prefill(torch.randint(0, V, (2, 7)), cache)
     with pytest.raises(ValueError, match="max_len"):
         model.allocate_cache(2, max_len=49)
+    stale = model.allocate_cache(2)
+    with pytest.raises(ValueError, match="allocate a new cache"):
+        make_model(dtype=torch.float64).prefill(idx, stale)
     with pytest.raises(ValueError, match="decode_capacity"):
         model.allocate_cache(2, decode_capacity=3)
     with pytest.raises(ValueError, match="capacity_factor"):
