@@ -73,7 +73,7 @@ def parse_args(argv=None):
     return args
 
 
-def calibrate_routing(model, capacity_factor, batch=64, steps=8):
+def calibrate_routing(model, capacity_factor, context, batch=64, steps=8):
     """Shift each MoD layer's predictor bias so that about a fraction c of tokens want the
     layer (score > 0), as with a trained predictor (the demo's route 12-16%); a random
     predictor would route about half. Only the dynamic path's time depends on it."""
@@ -81,7 +81,7 @@ def calibrate_routing(model, capacity_factor, batch=64, steps=8):
     for i, layer in enumerate(model.mod_layers):  # in depth order: later layers see the shifted earlier ones
         seen = []
         hook = layer.predictor.register_forward_hook(lambda mod, a, out: seen.append(out.detach().float().flatten()))
-        cache = model.allocate_cache(batch, static=True)
+        cache = model.allocate_cache(batch, context, static=True)
         synthetic_state(cache)
         tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
         with torch.no_grad():
@@ -158,14 +158,18 @@ def main(argv=None):
     print_env(env)
     graph_modes = [False] if dev.type != "cuda" else {"both": [False, True], "on": [True], "off": [False]}[args.cuda_graph]
     rows = Results(args.json, env)
+    # One pair of models for every context (block_size = the longest; each cache has
+    # max_len = its context), built directly on the device.
+    mod_cfg = ModelConfig(vocab_size=args.vocab, block_size=max(args.context), n_layer=args.n_layer,
+                          n_head=args.n_head, d_model=args.d_model, capacity_factor=args.capacity,
+                          mod_every=args.mod_every)
+    models = {}
+    for name, cfg in [("dense", dense_config(mod_cfg)), ("mod", mod_cfg)]:
+        torch.manual_seed(0)
+        with dev:
+            models[name] = MoDTransformer(cfg).to(dtype=dt).eval()
+    calibrate_routing(models["mod"], args.capacity, context=min(args.context))
     for context in args.context:
-        mod_cfg = ModelConfig(vocab_size=args.vocab, block_size=context, n_layer=args.n_layer, n_head=args.n_head,
-                              d_model=args.d_model, capacity_factor=args.capacity, mod_every=args.mod_every)
-        models = {}
-        for name, cfg in [("dense", dense_config(mod_cfg)), ("mod", mod_cfg)]:
-            torch.manual_seed(0)
-            models[name] = MoDTransformer(cfg).to(device=dev, dtype=dt).eval()
-        calibrate_routing(models["mod"], args.capacity)
         for batch in args.batch:
             for cuda_graph in graph_modes:
                 # (model, path): the dense model has one path; graphs need the static one.
@@ -173,7 +177,7 @@ def main(argv=None):
                 caches, fns = {}, []
                 for name, path in variants:
                     model = models[name]
-                    cache = caches[(name, path)] = model.allocate_cache(batch, static=path == "static")
+                    cache = caches[(name, path)] = model.allocate_cache(batch, context, static=path == "static")
                     graph = DecodeGraph(model, cache) if cuda_graph else None
                     synthetic_state(cache)
                     fns.append(step_fn(model, cache, graph))
@@ -210,7 +214,6 @@ def main(argv=None):
                 del caches, fns
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        del models
 
     print(f"\nd_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} vocab={args.vocab} "
           f"c={args.capacity} dtype={args.dtype} device={args.device}\n")
