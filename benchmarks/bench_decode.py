@@ -81,7 +81,7 @@ def calibrate_routing(model, capacity_factor, context, batch=64, steps=8):
     for i, layer in enumerate(model.mod_layers):  # in depth order: later layers see the shifted earlier ones
         seen = []
         hook = layer.predictor.register_forward_hook(lambda mod, a, out: seen.append(out.detach().float().flatten()))
-        cache = model.allocate_cache(batch, context, static=True)
+        cache = model.allocate_cache(batch, context, cache_capacity_factor=capacity_factor, static=True)
         synthetic_state(cache)
         tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
         with torch.no_grad():
@@ -177,7 +177,9 @@ def main(argv=None):
                 caches, fns = {}, []
                 for name, path in variants:
                     model = models[name]
-                    cache = caches[(name, path)] = model.allocate_cache(batch, context, static=path == "static")
+                    # capacity_for(context, c) MoD slots, as a model with block_size = context has.
+                    cache = caches[(name, path)] = model.allocate_cache(
+                        batch, context, cache_capacity_factor=args.capacity, static=path == "static")
                     graph = DecodeGraph(model, cache) if cuda_graph else None
                     synthetic_state(cache)
                     fns.append(step_fn(model, cache, graph))

@@ -6,25 +6,31 @@ Semantics (docs/MOD_SPEC.md sections 2-4; Raposo et al. 2024, arXiv 2404.02258, 
 
 * **Cache.** A dense layer caches the key and value of every token: (B, max_len) entries
   per layer, one per *column* (a column is a token's index in the left-padded batch).
-  A MoD layer caches only the tokens it routed: ``capacity_for(max_len,
-  cache_capacity_factor)`` slots per sequence plus a per-sequence fill count, so its
-  memory is about ``cache_capacity_factor`` of a dense layer's. One extra scratch slot
-  per sequence takes the writes of padding slots, so every write is static-shaped.
+  A MoD layer caches only the tokens it routed, in a fixed number of slots per sequence
+  plus a per-sequence fill count: ``capacity_for(max_len, cache_capacity_factor)``
+  slots when cache_capacity_factor is given, else ``min(max_len, K)`` with ``K =
+  capacity_for(block_size, capacity_factor)``, the most tokens the model's causal rule
+  ever routes, so the cache never fills before the rule does (its memory is then
+  ``K / max_len`` of a dense layer's: 0.125 at max_len = block_size, c = 0.125). One
+  extra scratch slot per sequence takes the writes of padding slots, so every write is
+  static-shaped.
 * **Causal routing.** Prefill and decode route by the causal rule of
   :class:`mod_ext.MoDBlock` (predictor or router logit > 0, first come first served):
   a token is routed at a MoD layer when its score is > 0 and its sequence has fewer than
-  ``limit = min(cache slots, capacity_for(block_size, capacity_factor))`` routed tokens
-  there; with the default cache (max_len = block_size, cache_capacity_factor =
-  capacity_factor) this is exactly the full-recompute rule, so decoding with the cache
-  gives the full recompute's logits.
+  ``limit = min(cache slots, K)`` routed tokens there; with the default slots this is
+  exactly the full-recompute rule, so decoding with the cache gives the full
+  recompute's logits unless the decode capacity overflows.
 * **Decode capacity.** In a decode step the B new tokens compete, at each MoD layer, for
   ``decode_capacity`` block slots (expert-choice top-k over the batch by causal score,
   ``mod_ext.topk_route``). Unused slots are padding (router weight 0, no cache write);
   routed tokens beyond it are *dropped*: they skip the layer as if their score were <= 0.
 * **Drops.** A token *wants* a MoD layer when its causal score is > 0 (and its sequence
-  has not finished). A wanted token that does not run the block (its sequence's cache
-  is full, or it lost the decode-capacity top-k, or the prompt already had ``limit``
-  routed tokens) is counted in ``MoDKVCache.drops`` (n_mod_layers, B).
+  has not finished). A wanted token that does not run the block is counted in
+  ``MoDKVCache.drops`` (n_mod_layers, B). Drops the full recompute makes too (the
+  sequence already has K routed tokens: the causal rule's own capacity) are normal; the
+  others (a cache smaller than K filled up, or the token lost the decode-capacity top-k)
+  are also counted in ``MoDKVCache.overflow``: while it is 0 the logits equal a full
+  recompute's.
 
 With a static cache (the default on CUDA) everything in :func:`decode_step` is
 static-shaped and free of host syncs, so one step (embedding -> logits) is captured in a
@@ -36,6 +42,7 @@ and skips it when none is routed (at B = 1 that is most steps), with the same re
 from __future__ import annotations
 
 import math
+import operator
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -89,10 +96,12 @@ class LayerCache:
             a scratch slot that is never attended to.
         fill: (B,) int64 routed tokens held (MoD layers), else None.
         limit: most routed tokens a sequence can hold here (MoD layers), else None.
+        rule_limit: K, the most the model's causal rule routes per sequence (MoD layers).
     """
 
     def __init__(self, k: Tensor, v: Tensor, fill: Optional[Tensor] = None, limit: Optional[int] = None):
         self.k, self.v, self.fill, self.limit = k, v, fill, limit
+        self.rule_limit = limit
 
     @property
     def is_mod(self) -> bool:
@@ -126,6 +135,8 @@ class MoDKVCache:
         pos: (B,) int64 the next token's true position in each sequence.
         active: (B,) bool sequences still generating; finished ones never route.
         drops: (n_mod_layers, B) int64 routed-but-dropped tokens per MoD layer and sequence.
+        overflow: (n_mod_layers, B) int64 the drops a full recompute would not make
+            (cache slots or decode capacity ran out before the causal rule's capacity K).
         batch, max_len, decode_capacity, slots (MoD cache slots per sequence, without
         the scratch slot), n_written (host-side mirror of ``col``).
         static: True = the decode step is static-shaped and sync-free (every MoD layer
@@ -135,24 +146,31 @@ class MoDKVCache:
     """
 
     def __init__(
-        self, model: "MoDTransformer", batch: int, max_len: int, cache_capacity_factor: float,
+        self, model: "MoDTransformer", batch: int, max_len: int, cache_capacity_factor: Optional[float],
         decode_capacity: int, device: torch.device, dtype: torch.dtype, static: bool = True,
     ):
         cfg = model.cfg
         nh, hs = cfg.n_head, cfg.d_model // cfg.n_head
         self.batch, self.max_len, self.decode_capacity = batch, max_len, decode_capacity
         self.static = static
+        self.cfg = cfg
         self.cache_capacity_factor = cache_capacity_factor
-        self.slots = capacity_for(max_len, cache_capacity_factor)
+        rule = [m.causal_capacity(cfg.block_size) for m in model.layers if isinstance(m, MoDBlock)]
+        if cache_capacity_factor is None:
+            self.slots = min(max_len, max(rule)) if rule else capacity_for(max_len, cfg.capacity_factor)
+        else:
+            self.slots = capacity_for(max_len, cache_capacity_factor)
         self.device, self.dtype = device, dtype
         self.layers: List[LayerCache] = []
         for layer in model.layers:
             if isinstance(layer, MoDBlock):
-                limit = min(self.slots, layer.causal_capacity(cfg.block_size))
+                rule_limit = layer.causal_capacity(cfg.block_size)
                 shape = (batch, self.slots + 1, nh, hs)
                 fill = torch.zeros(batch, dtype=torch.int64, device=device)
-                self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
-                                              torch.zeros(shape, dtype=dtype, device=device), fill, limit))
+                lc = LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device), fill, min(self.slots, rule_limit))
+                lc.rule_limit = rule_limit
+                self.layers.append(lc)
             else:
                 shape = (batch, max_len, nh, hs)
                 self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
@@ -164,6 +182,7 @@ class MoDKVCache:
         self.pos = torch.zeros(batch, dtype=torch.int64, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.drops = torch.zeros(n_mod, batch, dtype=torch.int64, device=device)
+        self.overflow = torch.zeros(n_mod, batch, dtype=torch.int64, device=device)
         self.n_written = 0
         # Constant helpers (kept here so a captured step allocates nothing new per call).
         self.batch_arange = torch.arange(batch, device=device)
@@ -180,6 +199,7 @@ class MoDKVCache:
         self.pos.zero_()
         self.active.fill_(True)
         self.drops.zero_()
+        self.overflow.zero_()
         for lc in self.layers:
             if lc.fill is not None:
                 lc.fill.zero_()
@@ -217,8 +237,8 @@ def allocate_cache(
             f"allocate_cache: max_len must be an int in [1, block_size = {cfg.block_size}] (the rotary "
             f"table's length), got {max_len!r}"
         )
-    ccf = cfg.capacity_factor if cache_capacity_factor is None else cache_capacity_factor
-    capacity_for(1, ccf)  # validates (ValueError naming capacity_factor)
+    if cache_capacity_factor is not None:
+        capacity_for(1, cache_capacity_factor)  # validates (ValueError naming capacity_factor)
     if decode_capacity is None:
         decode_capacity = default_decode_capacity(batch, min(1.0, cfg.capacity_factor))
     if isinstance(decode_capacity, bool) or not isinstance(decode_capacity, int) or not 1 <= decode_capacity <= batch:
@@ -228,18 +248,54 @@ def allocate_cache(
     p = model.wte.weight  # the cache lives on the model's device, in its dtype
     if static is None:
         static = p.device.type != "cpu"
-    return MoDKVCache(model, batch, max_len, float(ccf), decode_capacity, p.device, p.dtype, bool(static))
+    ccf = None if cache_capacity_factor is None else float(cache_capacity_factor)
+    return MoDKVCache(model, batch, max_len, ccf, decode_capacity, p.device, p.dtype, bool(static))
 
 
 def check_cache_matches(model: "MoDTransformer", cache: MoDKVCache, where: str) -> None:
     """ValueError when the model was moved or cast after the cache was allocated."""
     p = model.wte.weight
-    if p.device != cache.device or p.dtype != cache.dtype or len(model.layers) != len(cache.layers):
+    if p.device != cache.device or p.dtype != cache.dtype or model.cfg != cache.cfg:
         raise ValueError(
             f"{where}: the cache was allocated for a model on {cache.device} in {cache.dtype} with "
-            f"{len(cache.layers)} layers; this model is on {p.device} in {p.dtype} with {len(model.layers)} "
-            "layers: allocate a new cache"
+            f"config {cache.cfg}; this model is on {p.device} in {p.dtype} with config {model.cfg}: "
+            "allocate a new cache with model.allocate_cache(...)"
         )
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int, where: str, name: str) -> None:
+    """ValueError for ids outside [0, vocab_size) (a host sync: prompt time, or CPU only)."""
+    if tokens.numel() and bool((tokens.min() < 0) | (tokens.max() >= vocab_size)):
+        raise ValueError(f"{where}: {name} holds token ids outside [0, vocab_size = {vocab_size}): "
+                         f"min {int(tokens.min())}, max {int(tokens.max())}")
+
+
+def normalize_stop_tokens(stop_tokens, pad_token, vocab_size: int) -> Tuple[Optional[List[int]], Optional[int]]:
+    """(stop token list or None, pad token) with every id checked against the vocabulary;
+    a single int is one stop token; pad_token defaults to the first stop token."""
+    def as_id(v, name):
+        if isinstance(v, bool):
+            raise ValueError(f"generate: {name} must be a token id (int), got {v!r}")
+        try:
+            i = operator.index(v)
+        except TypeError:
+            raise ValueError(f"generate: {name} must be a token id (int), got {v!r}") from None
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"generate: {name} {i} is outside [0, vocab_size = {vocab_size})")
+        return i
+
+    stops = None
+    if stop_tokens is not None:
+        if isinstance(stop_tokens, torch.Tensor):
+            stop_tokens = stop_tokens.flatten().tolist()
+        elif not isinstance(stop_tokens, (list, tuple, set, frozenset, range)):
+            stop_tokens = [stop_tokens]
+        stops = [as_id(v, "stop_tokens entry") for v in stop_tokens] or None  # [] = no stop tokens
+    if pad_token is not None:
+        pad_token = as_id(pad_token, "pad_token")
+    elif stops:
+        pad_token = stops[0]
+    return stops, pad_token
 
 
 def _check_valid_prompt(idx: Tensor, valid: Optional[Tensor], where: str) -> Tensor:
@@ -266,6 +322,7 @@ def prefill(model: "MoDTransformer", idx: Tensor, cache: MoDKVCache, valid: Opti
     """See :meth:`MoDTransformer.prefill`."""
     valid = _check_valid_prompt(idx, valid, "prefill")
     check_cache_matches(model, cache, "prefill")
+    check_token_ids(idx, model.cfg.vocab_size, "prefill", "idx")
     B, T = idx.shape
     if B != cache.batch:
         raise ValueError(f"prefill: idx has batch {B}, the cache was allocated for batch {cache.batch}")
@@ -323,6 +380,7 @@ def _prefill_mod_layer(layer: MoDBlock, lc: LayerCache, x: Tensor, valid: Tensor
     lc.fill.copy_(routed)
     wanted = ((scores > 0) & valid).long().sum(1)
     cache.drops[m] += wanted - routed
+    cache.overflow[m] += wanted.clamp_max(lc.rule_limit) - routed  # what the causal rule alone routes
     return out.output
 
 
@@ -335,7 +393,9 @@ def _decode_mod_layer(layer: MoDBlock, lc: LayerCache, x: Tensor, cache: MoDKVCa
     candidate = want & (lc.fill < lc.limit)
     idx, slot_mask = topk_route(scores.view(1, B), Dc, candidate.view(1, B))  # (1, Dc) each
     selected = torch.zeros_like(want).scatter(0, idx[0], slot_mask[0])  # (B,)
-    cache.drops[m] += (want & ~selected).long()
+    dropped = want & ~selected
+    cache.drops[m] += dropped.long()
+    cache.overflow[m] += (dropped & (lc.fill < lc.rule_limit)).long()
     idx1, mask1 = idx[0], slot_mask[0]  # (Dc,)
     if not cache.static and not torch.compiler.is_compiling():
         # Dynamic path (eager, CPU by default): run the block on the routed rows only and
@@ -421,7 +481,10 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     softmax(logits / temperature) restricted to the top_k most likely tokens. No host sync."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shift by the row maximum first: with a tiny temperature the scaled logits are then
+    # 0 (the best token) or -inf, never inf - inf = NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -482,7 +545,10 @@ def generate_cached(
     if cuda_graph:
         if idx.device.type != "cuda":
             raise ValueError("generate: cuda_graph=True needs the model and idx on a CUDA device")
-        key = (B, max_len, decode_capacity, cache_capacity_factor, str(idx.device), model.wte.weight.dtype)
+        if decode_capacity is None:  # key on the resolved value: None and the default are one graph
+            decode_capacity = default_decode_capacity(B, min(1.0, model.cfg.capacity_factor))
+        ccf = None if cache_capacity_factor is None else float(cache_capacity_factor)
+        key = (B, max_len, decode_capacity, ccf, str(idx.device), model.wte.weight.dtype)
         graphs: Dict[Tuple, DecodeGraph] = model._decode_graphs
         if key not in graphs:
             cache = allocate_cache(model, B, max_len, cache_capacity_factor=cache_capacity_factor,
@@ -498,11 +564,8 @@ def generate_cached(
         def step(tokens):
             return model.decode_step(tokens, cache)
 
-    stops = None
-    if stop_tokens is not None:
-        stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64, device=idx.device)
-        if pad_token is None:
-            pad_token = int(stops[0]) if stops.numel() else 0
+    # stop_tokens / pad_token arrive checked (normalize_stop_tokens).
+    stops = None if stop_tokens is None else torch.tensor(stop_tokens, dtype=torch.int64, device=idx.device)
     logits = prefill(model, idx, cache, valid)
     out = torch.full((B, max_new_tokens), pad_token if pad_token is not None else 0, dtype=torch.int64,
                      device=idx.device)

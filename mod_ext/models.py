@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -56,6 +57,19 @@ class ModelConfig:
     def is_mod_layer(self, i: int) -> bool:
         """True when layer i (0-based) is a Mixture-of-Depths layer."""
         return bool(self.mod_every) and i % self.mod_every == self.mod_every - 1
+
+
+def _as_int(value, name: str, minimum: int) -> int:
+    """value as a Python int (numpy and torch integers accepted), >= minimum, else ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def dense_config(cfg: ModelConfig) -> ModelConfig:
@@ -401,9 +415,13 @@ class MoDTransformer(nn.Module):
             batch: B, sequences decoded together.
             max_len: columns (prompt + generated tokens, left padding included);
                 default and maximum ``block_size``.
-            cache_capacity_factor: MoD cache slots as a fraction of max_len (default
-                ``capacity_factor``; with max_len = block_size the cache then never fills
-                before the causal routing rule's own capacity does).
+            cache_capacity_factor: MoD cache slots as a fraction of max_len
+                (``capacity_for(max_len, cache_capacity_factor)`` slots). Default: ``min(
+                max_len, capacity_for(block_size, capacity_factor))`` slots, the most
+                tokens the causal rule ever routes, so the cache never fills before the
+                rule does and decoding matches a full recompute (a smaller max_len then
+                saves memory without changing results). A smaller factor saves memory
+                but drops (``cache.overflow``) what the recompute would route.
             decode_capacity: block slots per MoD layer in one decode step (an int in
                 [1, B]); default :func:`mod_ext.decode.default_decode_capacity`
                 (ceil(c*B) plus three binomial standard deviations of headroom).
@@ -447,12 +465,21 @@ class MoDTransformer(nn.Module):
         host syncs (CUDA-graph capturable; see ``generate(cuda_graph=True)``); with a
         dynamic one (the CPU default) MoD layers run their block on the routed rows only.
 
+        To compile a step, compile this method (``torch.compile(model.decode_step,
+        fullgraph=True)``) on a static cache, or compile
+        ``mod_ext.decode.decode_step(model, tokens, cache)`` and add 1 to
+        ``cache.n_written`` after each call (the host-side column count this method checks).
+
         Raises:
-            ValueError: tokens not (B,) int64 on the cache's device, an empty (not
-                prefilled) cache, or a full one (max_len columns written).
+            ValueError: tokens not (B,) int64 on the cache's device, token ids outside the
+                vocabulary (checked on the CPU only: on CUDA it would be a host sync), an
+                empty (not prefilled) cache, a full one (max_len columns written), or a
+                cache allocated for another model configuration, device or dtype.
         """
         _decode.check_decode_inputs(tokens, cache)
         _decode.check_cache_matches(self, cache, "decode_step")
+        if tokens.device.type == "cpu":  # free on the CPU; on CUDA it would be a host sync
+            _decode.check_token_ids(tokens, self.cfg.vocab_size, "decode_step", "tokens")
         logits = _decode.decode_step(self, tokens, cache)
         cache.n_written += 1
         return logits
@@ -488,20 +515,23 @@ class MoDTransformer(nn.Module):
         :class:`~mod_ext.decode.MoDKVCache` and every further token costs one
         :meth:`decode_step` (MoD layers cache only their routed tokens; docs/MOD_SPEC.md
         section 4); ``self.last_decode_cache`` keeps the cache (its ``drops`` count the
-        routed-but-dropped tokens per MoD layer). With ``use_cache=False`` the whole
-        context (cropped to block_size) is recomputed for every token.
+        routed-but-dropped tokens per MoD layer, ``overflow`` those a full recompute
+        would not drop; None after a call without the cache). With ``use_cache=False``
+        the whole context (cropped to block_size) is recomputed for every token.
 
         Args:
             idx: (B, T) int64 prompts, left-padded when ``valid`` is given.
-            max_new_tokens: tokens to sample (>= 0).
-            temperature: 0 = greedy (argmax); else softmax temperature.
+            max_new_tokens: tokens to sample (an int >= 0).
+            temperature: 0 = greedy (argmax); else the softmax temperature (> 0; inf
+                samples uniformly among the allowed tokens).
             top_k: sample among the top_k most likely tokens only.
             routing: "causal" (default; the only choice with the cache) or "topk" (full
                 recompute only; not causal).
             generator: torch.Generator for reproducible sampling.
             valid: (B, T) bool, False for left padding (prompts of different lengths).
-            stop_tokens: token ids that end a sequence; later positions get pad_token
-                (default: the first stop token). A finished sequence stops routing.
+            stop_tokens: a token id or ids that end a sequence (the stop token is kept);
+                later positions get pad_token (an id in the vocabulary; default: the
+                first stop token). A finished sequence stops routing.
             use_cache: KV-cache decoding (True) or full recompute (False).
             cuda_graph: capture the decode step in a CUDA graph once per (B, max_len,
                 decode_capacity, cache_capacity_factor, device, dtype) and replay it
@@ -509,24 +539,29 @@ class MoDTransformer(nn.Module):
                 :meth:`clear_decode_graphs`).
             max_len: cache columns (default block_size); needs T + max_new_tokens - 1 <= max_len.
             decode_capacity, cache_capacity_factor, static: see :meth:`allocate_cache`
-                (cuda_graph=True always uses a static cache).
+                (cuda_graph=True always uses a static cache). max_len and these apply to
+                the cache only (ValueError with use_cache=False).
 
         Raises:
-            ValueError: bad prompt / valid mask, a prompt + new tokens that do not fit the
-                cache, cuda_graph=True off CUDA, routing="topk" with the cache.
+            ValueError: bad prompt / valid mask, token ids outside the vocabulary (idx,
+                stop_tokens, pad_token), a prompt + new tokens that do not fit the cache,
+                cuda_graph=True off CUDA, routing="topk" with the cache, cache options
+                without the cache, a negative or NaN temperature.
         """
         if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.int64:
             raise ValueError(
                 f"generate: idx must be a (B, T) int64 prompt with T >= 1, got {idx.dtype} {tuple(idx.shape)}"
             )
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"generate: top_k must be an int >= 1 or None, got {top_k!r}")
+        max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", minimum=0)
+        if top_k is not None:
+            top_k = _as_int(top_k, "top_k", minimum=1)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
         if routing not in ("causal", "topk"):
             raise ValueError(f"generate: routing must be 'causal' or 'topk', got {routing!r}")
+        _decode.check_token_ids(idx, self.cfg.vocab_size, "generate", "idx")
+        stop_tokens, pad_token = _decode.normalize_stop_tokens(stop_tokens, pad_token, self.cfg.vocab_size)
+        self.last_decode_cache = None
         if max_new_tokens == 0:
             return idx.clone()
         if use_cache:
@@ -539,15 +574,16 @@ class MoDTransformer(nn.Module):
                 max_len=max_len, decode_capacity=decode_capacity, cache_capacity_factor=cache_capacity_factor,
                 static=static,
             )
+        cache_opts = dict(max_len=max_len, decode_capacity=decode_capacity,
+                          cache_capacity_factor=cache_capacity_factor, static=static)
+        given = [k for k, v in cache_opts.items() if v is not None]
+        if given:
+            raise ValueError(f"generate: {', '.join(given)} only apply with use_cache=True")
         if cuda_graph:
             raise ValueError("generate: cuda_graph=True needs use_cache=True")
         if valid is not None:
             valid = _decode._check_valid_prompt(idx, valid, "generate")
-        stops = None
-        if stop_tokens is not None:
-            stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64, device=idx.device)
-            if pad_token is None:
-                pad_token = int(stops[0]) if stops.numel() else 0
+        stops = None if stop_tokens is None else torch.tensor(stop_tokens, dtype=torch.int64, device=idx.device)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.cfg.block_size:]

@@ -213,6 +213,7 @@ def test_decode_capacity_keeps_the_highest_scores_and_counts_drops(static):
             top[torch.topk(s, Dc).indices] = 1
             assert torch.equal(grew[i], top), f"layer {i}: {grew[i]} vs top-{Dc} of {s}"
         assert torch.equal(cache.drops - drops_before, 1 - grew)  # everyone wanted; the rest dropped
+    assert torch.equal(cache.overflow, cache.drops)  # the full recompute would have routed them all
     for h in hooks:
         h.remove()
 
@@ -253,6 +254,46 @@ def test_full_cache_drops_further_tokens(static):
     assert cache.fill_counts().tolist() == [[6, 6], [6, 6]]
     assert cache.drops.tolist() == [[8, 2], [8, 2]]
     assert cache.drops_per_layer() == {1: 10, 3: 10}  # keyed by layer depth
+    assert torch.equal(cache.overflow, cache.drops)  # the causal rule (12 per sequence) routes them all
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_causal_capacity_drops_are_not_overflow(static):
+    """Tokens beyond the model's causal capacity K are dropped by the full recompute too:
+    counted in drops, not in overflow, and the logits still equal the recompute."""
+    model = make_model(predictor_bias=20.0)  # block_size 48, c = 0.25: K = 12
+    idx, valid, prompts = left_padded([20, 5])
+    cache = model.allocate_cache(2, decode_capacity=2, static=static)
+    logits = greedy_decode(model, idx, valid, 10, cache)
+    assert cache.fill_counts().tolist() == [[12, 12], [12, 12]]
+    assert cache.drops.tolist() == [[18, 3], [18, 3]]  # 30 and 15 tokens wanted, 12 fit
+    assert cache.overflow.sum() == 0
+    seqs = list(prompts)
+    for lg in logits:
+        for b in range(2):
+            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
+        nxt = lg.argmax(-1)
+        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+
+
+def test_short_max_len_keeps_the_causal_capacity():
+    """A cache shorter than block_size holds min(max_len, K) routed tokens by default, so
+    it matches the full recompute; an explicit cache_capacity_factor may hold fewer."""
+    model = make_model(predictor_bias=20.0)  # K = 12
+    idx, valid, prompts = left_padded([14, 3])
+    cache = model.allocate_cache(2, max_len=24, decode_capacity=2)
+    assert cache.slots == 12 and model.allocate_cache(2, max_len=8).slots == 8
+    logits = greedy_decode(model, idx, valid, 9, cache)
+    assert cache.overflow.sum() == 0
+    seqs = list(prompts)
+    for lg in logits:
+        for b in range(2):
+            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
+        nxt = lg.argmax(-1)
+        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    small = model.allocate_cache(2, max_len=24, cache_capacity_factor=0.25, decode_capacity=2)  # 6 slots
+    model.prefill(idx, small, valid)
+    assert small.slots == 6 and small.overflow.tolist() == [[6, 0], [6, 0]]
 
 
 def test_mod_layer_cache_is_a_fraction_of_a_dense_layer():
@@ -350,7 +391,28 @@ def test_stop_tokens_end_sequences_and_stop_their_routing():
 def test_generate_zero_new_tokens_returns_prompt():
     model = make_model()
     idx = torch.randint(0, V, (2, 5))
+    model.generate(idx, 2)
+    assert model.last_decode_cache is not None
     assert torch.equal(model.generate(idx, 0), idx)
+    assert model.last_decode_cache is None  # no stale cache from an earlier call
+
+
+def test_generate_argument_forms():
+    import numpy as np
+
+    model = make_model()
+    idx, valid, _ = left_padded([3, 6])
+    ref = model.generate(idx, 8, temperature=0, valid=valid)
+    stop = int(ref[0, 6 + 2])
+    a = model.generate(idx, np.int64(8), temperature=0, valid=valid, stop_tokens=stop, pad_token=np.int64(1))
+    b = model.generate(idx, 8, temperature=0, valid=valid, stop_tokens=[stop], pad_token=1)
+    c = model.generate(idx, 8, temperature=0, valid=valid, stop_tokens=torch.tensor([stop]), pad_token=1)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    assert torch.equal(model.generate(idx, 8, temperature=0, valid=valid, stop_tokens=[]), ref)
+    # A tiny temperature is greedy, not NaN.
+    tiny = model.generate(idx, 8, temperature=1e-45, valid=valid, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny, ref)
+    assert model.generate(idx, 3, temperature=float("inf"), top_k=np.int64(4), valid=valid).shape == (2, 9)
 
 
 # --------------------------------------------------------------------------------------
@@ -394,6 +456,31 @@ def test_errors():
         model.generate(idx, 3, routing="topk")
     with pytest.raises(ValueError, match="temperature"):
         model.generate(idx, 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(idx, 3, temperature=float("nan"))
+    with pytest.raises(ValueError, match="pad_token"):
+        model.generate(idx, 3, stop_tokens=[1], pad_token=-1)
+    with pytest.raises(ValueError, match="pad_token"):
+        model.generate(idx, 3, stop_tokens=[1], pad_token=V)
+    with pytest.raises(ValueError, match="stop_tokens"):
+        model.generate(idx, 3, stop_tokens=[V + 3])
+    with pytest.raises(ValueError, match="stop_tokens"):
+        model.generate(idx, 3, stop_tokens=["a"])
+    with pytest.raises(ValueError, match=r"idx holds token ids outside \[0, vocab_size = 64\)"):
+        model.generate(idx + V, 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(idx, 2.5)
+    with pytest.raises(ValueError, match="max_len, static only apply with use_cache=True"):
+        model.generate(idx, 3, use_cache=False, max_len=20, static=True)
+    c = model.allocate_cache(2)
+    model.prefill(idx, c)
+    with pytest.raises(ValueError, match="tokens holds token ids outside"):
+        model.decode_step(torch.full((2,), V), c)
+    with pytest.raises(ValueError, match="idx holds token ids outside"):
+        model.prefill(idx - 1 - idx.max(), c)
+    assert c.n_written == 5  # a rejected prefill leaves the cache as it was
+    with pytest.raises(ValueError, match="allocate a new cache"):
+        make_model(d_model=16).decode_step(torch.zeros(2, dtype=torch.int64), c)
     assert model.generate(idx, 45, use_cache=False).shape == (2, 50)  # recompute crops the context
 
 
