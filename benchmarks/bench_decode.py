@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
-from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, Results, add_common_args, env_info, judge, md_table, print_env, setup  # noqa: E402
+from common import (DTYPES, Results, add_common_args, env_info, interleaved_medians, judge, md_table,  # noqa: E402
+                    print_env, setup)
 
 from mod_ext.decode import DecodeGraph  # noqa: E402
 from mod_ext.models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
@@ -133,22 +132,6 @@ def step_fn(model, cache, graph):
     return fn
 
 
-def interleaved_medians(fns, repeats, block_s=0.05, warmup=3):
-    """Median seconds per call of each fn, timing their blocks in turn (dense, MoD, dense,
-    ...) so that load changes on a shared machine hit both alike."""
-    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for fn in fns]
-    numbers = []
-    for fn, timer in zip(fns, timers):
-        for _ in range(warmup):
-            fn()
-        numbers.append(max(1, int(block_s / max(timer.timeit(1).median, 1e-9))))
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, (timer, n) in enumerate(zip(timers, numbers)):
-            samples[i].append(timer.timeit(n).median)
-    return [statistics.median(x) for x in samples]
-
-
 def main(argv=None):
     args = parse_args(argv)
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
@@ -184,7 +167,7 @@ def main(argv=None):
                     synthetic_state(cache)
                     fns.append(step_fn(model, cache, graph))
                 with torch.no_grad():
-                    times = dict(zip(variants, interleaved_medians(fns, args.repeats)))
+                    times = dict(zip(variants, interleaved_medians(fns, args.repeats, block_s=0.05, warmup=3)))
                 for (name, path), cache in caches.items():
                     t = times[(name, path)]
                     layer_bytes = cache.layer_bytes_per_seq()

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, add_common_args, compiled, env_info, grad_fn, judge, md_table,  # noqa: E402
-                    median_time, mod_ext, print_env, setup, Results)
+                    interleaved_medians, mod_ext, print_env, setup, Results)
 from mod_ext.reference import threshold_route_ref  # noqa: E402
 
 # Targets (mod_ext speedup over each baseline; fraction of device-copy bandwidth).
@@ -81,18 +81,18 @@ def compare(rows, args, op, shape, pas, mod_fn, base_fn, inputs, grad_out=None, 
     def call(fn):
         return grad_fn(fn, inputs, grad_out) if grad_out is not None else (lambda: fn(*inputs))
 
-    times = {"mod_ext": median_time(call(mod_fn), args.repeats),
-             "torch eager": median_time(call(base_fn), args.repeats)}
+    fns = {"mod_ext": call(mod_fn), "torch eager": call(base_fn)}
     if args.compile:
-        times["torch compiled"] = median_time(call(compiled(base_fn)), args.repeats)
-    copy_ms = None
+        fns["torch compiled"] = call(compiled(base_fn))
     if nbytes is not None:
         # Reference: dst.copy_(src) of a tensor with nbytes bytes; it reads and writes
         # nbytes each, so its bandwidth is 2 * nbytes / time.
         src = torch.empty(nbytes // inputs[0].element_size(), dtype=inputs[0].dtype, device=args.device)
         dst = torch.empty_like(src)
-        copy_ms = median_time(lambda: dst.copy_(src), args.repeats) * 1e3
-        del src, dst
+        fns["copy"] = lambda: dst.copy_(src)
+    # Interleaved: every implementation (and the copy) is timed under the same load.
+    times = dict(zip(fns, interleaved_medians(list(fns.values()), args.repeats)))
+    copy_ms = times.pop("copy") * 1e3 if nbytes is not None else None
 
     for impl, t in times.items():
         row = {"op": op, "shape": shape, "pass": pas, "impl": impl, "ms": t * 1e3}

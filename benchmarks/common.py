@@ -153,6 +153,25 @@ def median_time(fn: Callable[[], object], repeats: int, block_s: float = 0.02, w
     return statistics.median(timer.timeit(number).median for _ in range(repeats))
 
 
+def interleaved_medians(fns: list, repeats: int, block_s: float = 0.02, warmup: int = 2) -> list:
+    """Median seconds per call of each fn, timing one block of each in turn (A, B, C, A,
+    B, C, ...) so that load changes on a shared machine hit every implementation alike
+    and their ratios stay fair. Blocks last about ``block_s`` each (calibrated per fn
+    after its warm-up calls, which also compile); torch.utils.benchmark.Timer
+    synchronises the accelerator around each block."""
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for fn in fns]
+    numbers = []
+    for fn, timer in zip(fns, timers):
+        for _ in range(warmup):
+            fn()
+        numbers.append(max(1, int(block_s / max(timer.timeit(1).median, 1e-9))))
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, (timer, n) in enumerate(zip(timers, numbers)):
+            samples[i].append(timer.timeit(n).median)
+    return [statistics.median(x) for x in samples]
+
+
 def compiled(fn: Callable, **kw) -> Callable:
     """torch.compile(fn) with a clean dynamo cache (each case compiles for its own shapes)."""
     torch._dynamo.reset()
