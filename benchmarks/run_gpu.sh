@@ -3,10 +3,11 @@
 # extension, print build_info, run the CUDA tests, then the benchmarks at the GPU shapes.
 # Everything (logs, JSON, summary) goes to ${OUT:-bench_out}/. Finishes in < 8 minutes:
 # every step runs under `timeout`, capped by what is left of the overall budget; the
-# eager benchmarks come first (they also check mod_ext against the baselines), then the
-# decode benchmark (eager and CUDA graphs), the CUDA tests, then the torch.compile runs
-# (their JSON is rewritten after every row, so a run cut short by its timeout keeps what
-# it measured).
+# CUDA tests come first (correctness before speed; without -x, so one failure does not
+# hide the others), then the eager op and layer benchmarks (they also check mod_ext
+# against the baselines), the decode benchmark (eager and CUDA graphs), then the
+# torch.compile runs (every benchmark's JSON is rewritten after each row, so a run cut
+# short by its timeout keeps what it measured).
 #
 #   bash benchmarks/run_gpu.sh            # or: OUT=/some/dir bash benchmarks/run_gpu.sh
 set -o pipefail
@@ -50,10 +51,10 @@ if ! step build_info 30 python -c "import json, mod_ext; i = mod_ext.build_info(
   exit 1
 fi
 
+step tests 90 python -m pytest tests -q -k cuda
 step ops_eager 60 python benchmarks/bench_ops.py --device cuda --no-compile --json "$OUT/ops_cuda_eager.json"
 step block_eager 60 python benchmarks/bench_block.py --device cuda --no-compile --json "$OUT/block_cuda_eager.json"
 step decode 120 python benchmarks/bench_decode.py --device cuda --json "$OUT/decode_cuda.json"
-step tests 90 python -m pytest tests -q -x -k cuda
 step ops_compiled 120 python benchmarks/bench_ops.py --device cuda --compile --json "$OUT/ops_cuda.json"
 step block_compiled 300 python benchmarks/bench_block.py --device cuda --compile --capacity 0.125 \
   --json "$OUT/block_cuda.json"
