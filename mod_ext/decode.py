@@ -492,6 +492,16 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
+def apply_stop_tokens(nxt: Tensor, finished: Tensor, stops: Optional[Tensor], pad_token: Optional[int]) -> Tensor:
+    """Tokens (B,) with finished sequences' replaced by pad_token; marks the sequences
+    that just emitted a stop token as finished (in place). No-op without stop tokens."""
+    if stops is None:
+        return nxt
+    nxt = torch.where(finished, pad_token, nxt)
+    finished |= torch.isin(nxt, stops)
+    return nxt
+
+
 class DecodeGraph:
     """A CUDA graph of :func:`decode_step` on one cache (static token buffer and logits).
 
@@ -571,10 +581,7 @@ def generate_cached(
                      device=idx.device)
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, generator)
-        if stops is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token), nxt)
-            finished |= torch.isin(nxt, stops)
+        nxt = apply_stop_tokens(sample_next(logits, temperature, top_k, generator), finished, stops, pad_token)
         out[:, t] = nxt
         if t == max_new_tokens - 1:
             break

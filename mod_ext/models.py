@@ -590,9 +590,7 @@ class MoDTransformer(nn.Module):
             valid_cond = None if valid is None else valid[:, -self.cfg.block_size:]
             logits, _ = self(idx_cond, routing=routing, valid=valid_cond)
             nxt = _decode.sample_next(logits[:, -1, :], temperature, top_k, generator)  # (B,)
-            if stops is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, pad_token), nxt)
-                finished |= torch.isin(nxt, stops)
+            nxt = _decode.apply_stop_tokens(nxt, finished, stops, pad_token)
             idx = torch.cat((idx, nxt[:, None]), dim=1)
             if valid is not None:
                 valid = torch.cat((valid, torch.ones_like(valid[:, :1])), dim=1)

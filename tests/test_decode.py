@@ -60,6 +60,20 @@ def routed_counts(model, seq):
     return [int(m.last_output.slot_mask.sum()) for m in model.mod_layers]
 
 
+def assert_matches_recompute(model, logits, prompts, rtol=1e-4, atol=1e-4):
+    """The oracle check: greedy_decode's logits at every step equal a full causal forward
+    of each sequence alone (prompt + the greedy tokens so far). Returns the sequences,
+    including the argmax of the last logits."""
+    seqs = [p.clone() for p in prompts]
+    for step, lg in enumerate(logits):
+        for b in range(len(seqs)):
+            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"step {step}, sequence {b}: {m}")
+        nxt = lg.argmax(-1)
+        seqs = [torch.cat([s, nxt[i:i + 1]]) for i, s in enumerate(seqs)]
+    return seqs
+
+
 def greedy_decode(model, idx, valid, steps, cache, before_step=None):
     """Prefill + greedy steps; returns the list of logits (B, V) per step (prefill first)."""
     out = [model.prefill(idx, cache, valid)]
@@ -88,13 +102,7 @@ def test_cache_decode_matches_full_recompute(device, dtype, causal_router, stati
     cache = model.allocate_cache(B, decode_capacity=B, static=static)  # every routed token fits each step
     logits = greedy_decode(model, idx, valid, steps, cache)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
-    seqs = [p.clone() for p in prompts]
-    for step, lg in enumerate(logits):
-        for b in range(B):
-            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), **tol,
-                                       msg=lambda m: f"step {step}, sequence {b}: {m}")
-        nxt = lg.argmax(-1)
-        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    seqs = assert_matches_recompute(model, logits, prompts, **tol)
     # The MoD caches hold exactly the tokens the recompute routes (the last token was
     # fed to the cache in the final step; seqs also contains the argmax of the final logits).
     fills = cache.fill_counts().cpu()
@@ -113,12 +121,7 @@ def test_dense_model_cache_matches_recompute(device):
     idx, valid, prompts = left_padded([3, 7], device=device)
     cache = model.allocate_cache(2)
     logits = greedy_decode(model, idx, valid, 10, cache)
-    seqs = list(prompts)
-    for lg in logits:
-        for b in range(2):
-            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
-        nxt = lg.argmax(-1)
-        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    assert_matches_recompute(model, logits, prompts)
     assert cache.drops.numel() == 0 and all(not lc.is_mod for lc in cache.layers)
 
 
@@ -232,12 +235,7 @@ def test_unused_decode_slots_are_padding(static):
     logits = greedy_decode(model, idx, valid, 6, cache)
     assert len(calls) == (6 * len(model.mod_layers) if static else 0)
     assert cache.fill_counts().sum() == 0 and cache.drops.sum() == 0
-    seqs = list(prompts)
-    for lg in logits:
-        for b in range(3):
-            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
-        nxt = lg.argmax(-1)
-        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    assert_matches_recompute(model, logits, prompts)
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
@@ -268,12 +266,7 @@ def test_causal_capacity_drops_are_not_overflow(static):
     assert cache.fill_counts().tolist() == [[12, 12], [12, 12]]
     assert cache.drops.tolist() == [[18, 3], [18, 3]]  # 30 and 15 tokens wanted, 12 fit
     assert cache.overflow.sum() == 0
-    seqs = list(prompts)
-    for lg in logits:
-        for b in range(2):
-            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
-        nxt = lg.argmax(-1)
-        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    assert_matches_recompute(model, logits, prompts)
 
 
 def test_short_max_len_keeps_the_causal_capacity():
@@ -285,12 +278,7 @@ def test_short_max_len_keeps_the_causal_capacity():
     assert cache.slots == 12 and model.allocate_cache(2, max_len=8).slots == 8
     logits = greedy_decode(model, idx, valid, 9, cache)
     assert cache.overflow.sum() == 0
-    seqs = list(prompts)
-    for lg in logits:
-        for b in range(2):
-            torch.testing.assert_close(lg[b], recompute_last_logits(model, seqs[b]), rtol=1e-4, atol=1e-4)
-        nxt = lg.argmax(-1)
-        seqs = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+    assert_matches_recompute(model, logits, prompts)
     small = model.allocate_cache(2, max_len=24, cache_capacity_factor=0.25, decode_capacity=2)  # 6 slots
     model.prefill(idx, small, valid)
     assert small.slots == 6 and small.overflow.tolist() == [[6, 0], [6, 0]]
