@@ -439,7 +439,8 @@ def _decode_mod_layer(layer: MoDBlock, lc: LayerCache, x: Tensor, cache: MoDKVCa
 
 @torch.no_grad()
 def decode_step(model: "MoDTransformer", tokens: Tensor, cache: MoDKVCache) -> Tensor:
-    """See :meth:`MoDTransformer.decode_step`. Static-shaped, no host sync."""
+    """See :meth:`MoDTransformer.decode_step` (which also checks the inputs and advances
+    ``cache.n_written``). Static-shaped and free of host syncs with a static cache."""
     B = cache.batch
     x = model.wte(tokens).view(B, 1, -1)  # (B, 1, D)
     cache.key_valid.index_fill_(1, cache.col, True)
