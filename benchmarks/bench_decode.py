@@ -8,12 +8,16 @@ sequence.
 
 What is timed: ``MoDTransformer.decode_step`` (embedding -> logits for B new tokens) on a
 cache of ``context`` columns, eagerly and (CUDA) as a replayed CUDA graph; the median over
-``--repeats`` blocks. The step is static-shaped: every dense layer attends over all
-``context`` columns of its cache (masked) and every MoD layer runs its block on
-``decode_capacity`` rows against ``capacity_for(context, c)`` cache slots, whatever the
-routing decisions or the number of columns already filled. So instead of prefilling B x
-context tokens, the cache is filled with random keys and values (MoD fill counts at half
-the limit); the time per step does not depend on those values.
+``--repeats`` rounds, dense and MoD timed in turn. Both models are built once with
+block_size = the longest context; each cache gets max_len = context and
+``cache_capacity_factor = c``, i.e. ``capacity_for(context, c)`` MoD cache slots, as a
+model with block_size = context has by default. On the static decode path every dense
+layer attends over all ``context`` columns of its cache (masked) and every MoD layer runs
+its block on ``decode_capacity`` rows, whatever was routed or filled, so the caches are
+filled with random keys and values (MoD fill counts at half their limit) instead of
+prefilling B x context tokens. The dynamic path (``--path``; CPU default) runs a MoD block
+on the routed rows only: for it each predictor is shifted to route about a fraction c of
+tokens (``calibrate_routing``) and every step feeds new random tokens.
 tokens/s = B / time per step.
 """
 
@@ -41,7 +45,7 @@ CACHE_RATIO_TARGET = 0.3
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8,64; quick 1,8)")
     p.add_argument("--context", default=None,
@@ -58,6 +62,10 @@ def parse_args(argv=None):
                    help="MoD decode paths, comma-separated: static (sync-free, CUDA-graph capturable) and/or "
                         "dynamic (eager; the block runs on routed rows only). Default: CPU static,dynamic; CUDA static")
     args = p.parse_args(argv)
+    if args.compile:
+        p.error("--compile: bench_decode does not time torch.compile; its compiled form is the CUDA-graph "
+                "replay (--cuda-graph, CUDA only)")
+    args.compile = False
     setup(args)
     gpu = args.gpu_shapes
     args.batch = [int(b) for b in (args.batch or ("1,8" if args.quick else "1,8,64")).split(",")]

@@ -7,11 +7,11 @@ Semantics (docs/MOD_SPEC.md sections 2-4; Raposo et al. 2024, arXiv 2404.02258, 
 * **Cache.** A dense layer caches the key and value of every token: (B, max_len) entries
   per layer, one per *column* (a column is a token's index in the left-padded batch).
   A MoD layer caches only the tokens it routed, in a fixed number of slots per sequence
-  plus a per-sequence fill count: ``capacity_for(max_len, cache_capacity_factor)``
-  slots when cache_capacity_factor is given, else ``min(max_len, K)`` with ``K =
-  capacity_for(block_size, capacity_factor)``, the most tokens the model's causal rule
+  plus a per-sequence fill count: ``min(max_len, K)`` slots by default, with ``K =
+  capacity_for(block_size, capacity_factor)`` the most tokens the model's causal rule
   ever routes, so the cache never fills before the rule does (its memory is then
-  ``K / max_len`` of a dense layer's: 0.125 at max_len = block_size, c = 0.125). One
+  ``K / max_len`` of a dense layer's: 0.125 at max_len = block_size, c = 0.125);
+  ``min(capacity_for(max_len, cache_capacity_factor), K)`` when a factor is given. One
   extra scratch slot per sequence takes the writes of padding slots, so every write is
   static-shaped.
 * **Causal routing.** Prefill and decode route by the causal rule of
@@ -21,7 +21,7 @@ Semantics (docs/MOD_SPEC.md sections 2-4; Raposo et al. 2024, arXiv 2404.02258, 
   exactly the full-recompute rule, so decoding with the cache gives the full
   recompute's logits unless the decode capacity overflows.
 * **Decode capacity.** In a decode step the B new tokens compete, at each MoD layer, for
-  ``decode_capacity`` block slots (expert-choice top-k over the batch by causal score,
+  ``decode_capacity`` block slots (rows of the block's input, distinct from cache slots) (expert-choice top-k over the batch by causal score,
   ``mod_ext.topk_route``). Unused slots are padding (router weight 0, no cache write);
   routed tokens beyond it are *dropped*: they skip the layer as if their score were <= 0.
 * **Drops.** A token *wants* a MoD layer when its causal score is > 0 (and its sequence
@@ -158,8 +158,10 @@ class MoDKVCache:
         rule = [m.causal_capacity(cfg.block_size) for m in model.layers if isinstance(m, MoDBlock)]
         if cache_capacity_factor is None:
             self.slots = min(max_len, max(rule)) if rule else capacity_for(max_len, cfg.capacity_factor)
-        else:
+        else:  # never more than K: slots beyond it could never be filled
             self.slots = capacity_for(max_len, cache_capacity_factor)
+            if rule:
+                self.slots = min(self.slots, max(rule))
         self.device, self.dtype = device, dtype
         self.layers: List[LayerCache] = []
         for layer in model.layers:
@@ -239,6 +241,10 @@ def allocate_cache(
         )
     if cache_capacity_factor is not None:
         capacity_for(1, cache_capacity_factor)  # validates (ValueError naming capacity_factor)
+        if cache_capacity_factor > 1:
+            raise ValueError(f"allocate_cache: cache_capacity_factor must be in (0, 1], got {cache_capacity_factor!r}")
+    if static is not None and not isinstance(static, bool):
+        raise ValueError(f"allocate_cache: static must be True, False or None (device default), got {static!r}")
     if decode_capacity is None:
         decode_capacity = default_decode_capacity(batch, min(1.0, cfg.capacity_factor))
     if isinstance(decode_capacity, bool) or not isinstance(decode_capacity, int) or not 1 <= decode_capacity <= batch:

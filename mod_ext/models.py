@@ -403,34 +403,38 @@ class MoDTransformer(nn.Module):
         self, batch: int, max_len: Optional[int] = None, *, cache_capacity_factor: Optional[float] = None,
         decode_capacity: Optional[int] = None, static: Optional[bool] = None,
     ) -> MoDKVCache:
-        """A static KV cache for ``batch`` sequences of up to ``max_len`` columns.
+        """A fixed-size KV cache for ``batch`` sequences of up to ``max_len`` columns
+        (a column is one token position of the left-padded batch).
 
         Dense layers hold (batch, max_len, n_head, head_size) keys and values; each MoD
-        layer holds only its routed tokens: ``capacity_for(max_len,
-        cache_capacity_factor)`` slots per sequence (+1 scratch slot) and a fill count.
-        The cache lives on the model's device in the model's dtype (move/cast the
-        model first).
+        layer holds only its routed tokens in a fixed number of cache slots per
+        sequence (see cache_capacity_factor; +1 scratch slot) and a fill count. The
+        cache lives on the model's device in the model's dtype (move/cast the model
+        first).
 
         Args:
             batch: B, sequences decoded together.
             max_len: columns (prompt + generated tokens, left padding included);
                 default and maximum ``block_size``.
-            cache_capacity_factor: MoD cache slots as a fraction of max_len
-                (``capacity_for(max_len, cache_capacity_factor)`` slots). Default: ``min(
-                max_len, capacity_for(block_size, capacity_factor))`` slots, the most
-                tokens the causal rule ever routes, so the cache never fills before the
-                rule does and decoding matches a full recompute (a smaller max_len then
-                saves memory without changing results). A smaller factor saves memory
-                but drops (``cache.overflow``) what the recompute would route.
+            cache_capacity_factor: MoD cache slots as a fraction of max_len, in (0, 1]:
+                ``capacity_for(max_len, cache_capacity_factor)`` slots, at most K =
+                ``capacity_for(block_size, capacity_factor)``, the most tokens the causal
+                routing rule ever routes (more could never be filled). Default: ``min(
+                max_len, K)`` slots, so the cache never fills before the rule does and
+                decoding matches a full recompute (at max_len = block_size that is about
+                capacity_factor of a dense layer's memory; a shorter max_len saves less
+                in proportion). A smaller factor saves memory but drops tokens the
+                recompute would route (counted in ``cache.overflow``).
             decode_capacity: block slots per MoD layer in one decode step (an int in
                 [1, B]); default :func:`mod_ext.decode.default_decode_capacity`
                 (ceil(c*B) plus three binomial standard deviations of headroom).
-            static: True = static-shaped, sync-free decode steps (each MoD layer runs
-                its block on decode_capacity rows, padding included; needed for CUDA
-                graphs and torch.compile); False = eager dynamic path (the block runs on
-                the routed rows only, skipped when none is routed; same results, one
-                host read of the routing decision per MoD layer). Default: True on CUDA,
-                False on the CPU.
+            static: which decode path the cache's steps take (the storage is fixed-size
+                either way). True = the static path: static-shaped, sync-free steps
+                (each MoD layer runs its block on decode_capacity rows, padding
+                included; needed for CUDA graphs and torch.compile). False = the dynamic
+                path, eager only: the block runs on the routed rows only and is skipped
+                when none is routed (same results; one host read of the routing decision
+                per MoD layer). Default: True on CUDA, False on the CPU.
 
         Raises:
             ValueError: an argument out of range (the message names it).
@@ -478,7 +482,8 @@ class MoDTransformer(nn.Module):
         """
         _decode.check_decode_inputs(tokens, cache)
         _decode.check_cache_matches(self, cache, "decode_step")
-        if tokens.device.type == "cpu":  # free on the CPU; on CUDA it would be a host sync
+        # Free on the CPU; on CUDA (and inside torch.compile) it would be a host sync.
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
             _decode.check_token_ids(tokens, self.cfg.vocab_size, "decode_step", "tokens")
         logits = _decode.decode_step(self, tokens, cache)
         cache.n_written += 1
@@ -560,6 +565,10 @@ class MoDTransformer(nn.Module):
         if routing not in ("causal", "topk"):
             raise ValueError(f"generate: routing must be 'causal' or 'topk', got {routing!r}")
         _decode.check_token_ids(idx, self.cfg.vocab_size, "generate", "idx")
+        if valid is not None:
+            valid = _decode._check_valid_prompt(idx, valid, "generate")
+        if pad_token is not None and stop_tokens is None:
+            raise ValueError("generate: pad_token only fills the positions after a stop token; pass stop_tokens too")
         stop_tokens, pad_token = _decode.normalize_stop_tokens(stop_tokens, pad_token, self.cfg.vocab_size)
         self.last_decode_cache = None
         if max_new_tokens == 0:
@@ -578,11 +587,9 @@ class MoDTransformer(nn.Module):
                           cache_capacity_factor=cache_capacity_factor, static=static)
         given = [k for k, v in cache_opts.items() if v is not None]
         if given:
-            raise ValueError(f"generate: {', '.join(given)} only apply with use_cache=True")
+            raise ValueError(f"generate: {', '.join(given)}: cache options, valid only with use_cache=True")
         if cuda_graph:
             raise ValueError("generate: cuda_graph=True needs use_cache=True")
-        if valid is not None:
-            valid = _decode._check_valid_prompt(idx, valid, "generate")
         stops = None if stop_tokens is None else torch.tensor(stop_tokens, dtype=torch.int64, device=idx.device)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):

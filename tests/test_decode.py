@@ -433,6 +433,15 @@ def test_errors():
         model.allocate_cache(2, decode_capacity=3)
     with pytest.raises(ValueError, match="capacity_factor"):
         model.allocate_cache(2, cache_capacity_factor=0.0)
+    with pytest.raises(ValueError, match=r"cache_capacity_factor must be in \(0, 1\]"):
+        model.allocate_cache(2, cache_capacity_factor=1.5)
+    assert model.allocate_cache(2, cache_capacity_factor=0.5).slots == 12  # 24, but K = 12 is all that can fill
+    with pytest.raises(ValueError, match="static must be True, False or None"):
+        model.allocate_cache(2, static="no")
+    with pytest.raises(ValueError, match="pass stop_tokens too"):
+        model.generate(idx, 3, pad_token=1)
+    with pytest.raises(ValueError, match="^generate: valid"):
+        model.generate(idx, 3, valid=torch.ones(2, 4, dtype=torch.bool))
     right_padded = torch.tensor([[True] * 4 + [False], [True] * 5])
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(idx, 3, valid=right_padded)
@@ -458,7 +467,7 @@ def test_errors():
         model.generate(idx + V, 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(idx, 2.5)
-    with pytest.raises(ValueError, match="max_len, static only apply with use_cache=True"):
+    with pytest.raises(ValueError, match="max_len, static: cache options, valid only with use_cache=True"):
         model.generate(idx, 3, use_cache=False, max_len=20, static=True)
     c = model.allocate_cache(2)
     model.prefill(idx, c)
@@ -478,20 +487,21 @@ def test_errors():
 
 
 def test_decode_step_compiles_without_graph_breaks():
-    from mod_ext.decode import decode_step
-
+    """torch.compile(model.decode_step, fullgraph=True) on a static cache (as the README
+    says) gives the eager logits and keeps the host-side column count right."""
     model = make_model()
     idx, valid, _ = left_padded([4, 9])
     eager_cache = model.allocate_cache(2, decode_capacity=1, static=True)
     compiled_cache = model.allocate_cache(2, decode_capacity=1, static=True)
-    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     a, b = model.prefill(idx, eager_cache, valid), model.prefill(idx, compiled_cache, valid)
     for _ in range(3):
-        a = decode_step(model, a.argmax(-1), eager_cache)
-        b = step(model, b.argmax(-1), compiled_cache)
+        a = model.decode_step(a.argmax(-1), eager_cache)
+        b = step(b.argmax(-1), compiled_cache)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert torch.equal(eager_cache.fill_counts(), compiled_cache.fill_counts())
     assert torch.equal(eager_cache.drops, compiled_cache.drops)
+    assert compiled_cache.n_written == eager_cache.n_written == 9 + 3
 
 
 @requires_cuda
