@@ -70,7 +70,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--aux-loss-weight", type=float, default=0.1, help="weight of the MoD aux loss")
     p.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
     p.add_argument("--n-evals", type=int, help="evaluations per training run (plus one at step 0)")
-    p.add_argument("--sample-tokens", type=int, help="tokens to sample from the MoD model")
+    p.add_argument("--sample-tokens", type=int, help="tokens to sample from each model (both sample through the KV cache)")
     p.add_argument("--passage-chars", type=int, help="length of the passage in routing.png")
     p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and sampling")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
