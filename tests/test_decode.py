@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mod_ext.decode import default_decode_capacity
 from mod_ext.models import ModelConfig, MoDTransformer, dense_config
@@ -533,3 +535,44 @@ def test_cuda_graph_replay_equals_eager(dtype):
     assert torch.equal(model.last_decode_cache.drops, eager_drops)
     again = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, cuda_graph=True)
     assert torch.equal(again, eager) and len(model._decode_graphs) == 1  # captured once, replayed
+
+
+# --------------------------------------------------------------------------------------
+# Property: static == dynamic path, and the cache == the recompute while nothing overflows
+# --------------------------------------------------------------------------------------
+
+@st.composite
+def decode_cases(draw):
+    B = draw(st.integers(1, 4))
+    return dict(
+        lengths=draw(st.lists(st.integers(1, 10), min_size=B, max_size=B)),
+        decode_capacity=draw(st.integers(1, B)),
+        cache_capacity_factor=draw(st.sampled_from([None, 0.1, 0.25])),
+        predictor_bias=draw(st.sampled_from([-1.0, 0.0, 1.0, 20.0])),
+        causal_router=draw(st.sampled_from(["predictor", "router"])),
+        steps=draw(st.integers(1, 8)),
+        seed=draw(st.integers(0, 3)),
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=decode_cases())
+def test_property_static_equals_dynamic_and_recompute_without_overflow(case):
+    """float64, so the two paths' different matmul shapes cannot flip a greedy token."""
+    model = make_model(seed=case["seed"], predictor_bias=case["predictor_bias"],
+                       causal_router=case["causal_router"], dtype=torch.float64)
+    idx, valid, prompts = left_padded(case["lengths"], seed=case["seed"])
+    runs = {}
+    for static in (True, False):
+        cache = model.allocate_cache(len(prompts), decode_capacity=case["decode_capacity"],
+                                     cache_capacity_factor=case["cache_capacity_factor"], static=static)
+        runs[static] = (greedy_decode(model, idx, valid, case["steps"], cache), cache)
+    (ls, cs), (ld, cd) = runs[True], runs[False]
+    for a, b in zip(ls, ld):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for name in ("drops", "overflow"):
+        assert torch.equal(getattr(cs, name), getattr(cd, name)), name
+    assert torch.equal(cs.fill_counts(), cd.fill_counts())
+    assert (cs.drops >= cs.overflow).all() and (cs.overflow >= 0).all()
+    if int(cs.overflow.sum()) == 0:
+        assert_matches_recompute(model, ls, prompts, rtol=1e-9, atol=1e-9)
