@@ -276,19 +276,27 @@ def check_token_ids(tokens: Tensor, vocab_size: int, where: str, name: str) -> N
                          f"min {int(tokens.min())}, max {int(tokens.max())}")
 
 
+def as_int(value, name: str, low: int, high: Optional[int] = None, where: str = "generate") -> int:
+    """value as a Python int (numpy and torch integers accepted) in [low, high), else a
+    ValueError that names the argument."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}")
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}") from None
+    if i < low or (high is not None and i >= high):
+        raise ValueError(f"{where}: {name} must be {expected}, got {i}")
+    return i
+
+
 def normalize_stop_tokens(stop_tokens, pad_token, vocab_size: int) -> Tuple[Optional[List[int]], Optional[int]]:
-    """(stop token list or None, pad token) with every id checked against the vocabulary;
-    a single int is one stop token; pad_token defaults to the first stop token."""
+    """(stop token list or None, pad token) with every id checked against the vocabulary
+    [0, vocab_size); a single int is one stop token; pad_token defaults to the first stop
+    token."""
     def as_id(v, name):
-        if isinstance(v, bool):
-            raise ValueError(f"generate: {name} must be a token id (int), got {v!r}")
-        try:
-            i = operator.index(v)
-        except TypeError:
-            raise ValueError(f"generate: {name} must be a token id (int), got {v!r}") from None
-        if not 0 <= i < vocab_size:
-            raise ValueError(f"generate: {name} {i} is outside [0, vocab_size = {vocab_size})")
-        return i
+        return as_int(v, name, 0, vocab_size)
 
     stops = None
     if stop_tokens is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -57,19 +56,6 @@ class ModelConfig:
     def is_mod_layer(self, i: int) -> bool:
         """True when layer i (0-based) is a Mixture-of-Depths layer."""
         return bool(self.mod_every) and i % self.mod_every == self.mod_every - 1
-
-
-def _as_int(value, name: str, minimum: int) -> int:
-    """value as a Python int (numpy and torch integers accepted), >= minimum, else ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"generate: {name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def dense_config(cfg: ModelConfig) -> ModelConfig:
@@ -557,9 +543,9 @@ class MoDTransformer(nn.Module):
             raise ValueError(
                 f"generate: idx must be a (B, T) int64 prompt with T >= 1, got {idx.dtype} {tuple(idx.shape)}"
             )
-        max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", minimum=0)
+        max_new_tokens = _decode.as_int(max_new_tokens, "max_new_tokens", 0)
         if top_k is not None:
-            top_k = _as_int(top_k, "top_k", minimum=1)
+            top_k = _decode.as_int(top_k, "top_k", 1)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
         if routing not in ("causal", "topk"):
