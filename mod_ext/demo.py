@@ -280,17 +280,22 @@ def plot_routing(model: MoDTransformer, passage: torch.Tensor, path: Path, width
     plt.close(fig)
 
 
-def timed_sample(model: MoDTransformer, prompt: torch.Tensor, args) -> Tuple[torch.Tensor, Optional[float]]:
+def timed_sample(model: MoDTransformer, prompt: torch.Tensor, args, repeats: int = 3
+                 ) -> Tuple[torch.Tensor, Optional[float]]:
     """Sample args.sample_tokens tokens after prompt (1, T0) with the KV cache
-    (temperature 0.8, seeded); returns the ids and the sampled tokens per second
-    (prefill included; None when nothing was sampled)."""
-    gen = torch.Generator().manual_seed(args.seed)
+    (temperature 0.8, seeded); returns the ids and the sampled tokens per second (prefill
+    included; the median of ``repeats`` identical seeded runs, since one run of a few
+    hundred milliseconds swings with the machine's load; None when nothing was sampled).
+    ``model.last_decode_cache`` is left from the last run."""
     model.eval()
-    t0 = time.perf_counter()
-    ids = model.generate(prompt, args.sample_tokens, temperature=0.8, generator=gen)
-    dt = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        gen = torch.Generator().manual_seed(args.seed)
+        t0 = time.perf_counter()
+        ids = model.generate(prompt, args.sample_tokens, temperature=0.8, generator=gen)
+        times.append(time.perf_counter() - t0)
     model.train()
-    return ids, (args.sample_tokens * prompt.shape[0] / dt if args.sample_tokens else None)
+    return ids, (args.sample_tokens * prompt.shape[0] / statistics.median(times) if args.sample_tokens else None)
 
 
 def summary_table(report: Dict) -> str:
