@@ -123,6 +123,17 @@ def assert_close(
     )
 
 
+def _assert_rows_equal(name: str, got: torch.Tensor, want: torch.Tensor, ctx: str, detail: str = "") -> None:
+    """AssertionError naming the first rows where two (B, C) CPU tensors differ."""
+    if torch.equal(got, want):
+        return
+    rows = (got != want).any(dim=1).nonzero().flatten().tolist()
+    r = rows[0]
+    raise AssertionError(
+        f"{ctx}: {name}: rows {rows[:8]} differ{detail}; row {r}: got {got[r].tolist()}, want {want[r].tolist()}"
+    )
+
+
 def assert_routing_equal(actual: Tuple[torch.Tensor, torch.Tensor], expected, ctx: str = "") -> None:
     idx, mask = actual
     eidx, emask = expected
@@ -131,22 +142,8 @@ def assert_routing_equal(actual: Tuple[torch.Tensor, torch.Tensor], expected, ct
     assert idx.shape == eidx.shape, f"{ctx}: indices shape {tuple(idx.shape)} != {tuple(eidx.shape)}"
     assert mask.shape == emask.shape, f"{ctx}: slot_mask shape {tuple(mask.shape)} != {tuple(emask.shape)}"
     idx_c, eidx_c = idx.cpu(), eidx.cpu()
-    mask_c, emask_c = mask.cpu(), emask.cpu()
-    if not torch.equal(idx_c, eidx_c):
-        rows = (idx_c != eidx_c).any(dim=1).nonzero().flatten().tolist()
-        r = rows[0]
-        raise AssertionError(
-            f"{ctx}: indices differ in rows {rows[:8]} (max abs difference "
-            f"{_max_abs_diff(idx_c, eidx_c)}); row {r}: got {idx_c[r].tolist()}, "
-            f"want {eidx_c[r].tolist()}"
-        )
-    if not torch.equal(mask_c, emask_c):
-        rows = (mask_c != emask_c).any(dim=1).nonzero().flatten().tolist()
-        r = rows[0]
-        raise AssertionError(
-            f"{ctx}: slot_mask differs in rows {rows[:8]}; row {r}: got {mask_c[r].tolist()}, "
-            f"want {emask_c[r].tolist()}"
-        )
+    _assert_rows_equal("indices", idx_c, eidx_c, ctx, f" (max abs difference {_max_abs_diff(idx_c, eidx_c)})")
+    _assert_rows_equal("slot_mask", mask.cpu(), emask.cpu(), ctx)
 
 
 # --------------------------------------------------------------------------------------

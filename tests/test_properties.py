@@ -108,21 +108,30 @@ def _check_shape_invariants(idx, mask, B, S, capacity, ctx):
     assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"{ctx}: not strictly ascending {idx}"
 
 
+def _route_and_check(name, inp, device):
+    """Run topk_route or threshold_route on the device, compare with its oracle and check
+    the shape invariants; return (idx, mask) on the CPU, the float32 logits, the valid
+    mask (all True when None), the capacity and a context string for messages."""
+    logits, capacity, valid, layout = inp
+    B, S = logits.shape
+    op, ref = {"topk": (mod_ext.topk_route, R.topk_route_ref),
+               "threshold": (mod_ext.threshold_route, R.threshold_route_ref)}[name]
+    lv, vv = _on(device, logits, valid, layout)
+    idx, mask = op(lv, capacity, vv)
+    ctx = f"{name} B={B} S={S} C={capacity} dtype={logits.dtype} layout={layout}"
+    assert_routing_equal((idx, mask), ref(logits, capacity, valid), ctx)
+    idx, mask = idx.cpu(), mask.cpu()
+    _check_shape_invariants(idx, mask, B, S, capacity, ctx)
+    v = torch.ones(B, S, dtype=torch.bool) if valid is None else valid
+    return idx, mask, logits.float(), v, capacity, ctx
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @ROUTE_SETTINGS
 @given(inp=routing_inputs())
 def test_topk_route_properties(inp, device):
-    logits, capacity, valid, layout = inp
-    B, S = logits.shape
-    lv, vv = _on(device, logits, valid, layout)
-    idx, mask = mod_ext.topk_route(lv, capacity, vv)
-    ctx = f"topk B={B} S={S} C={capacity} dtype={logits.dtype} layout={layout}"
-    assert_routing_equal((idx, mask), R.topk_route_ref(logits, capacity, valid), ctx)
-
-    idx, mask = idx.cpu(), mask.cpu()
-    _check_shape_invariants(idx, mask, B, S, capacity, ctx)
-    vals = logits.float()
-    v = torch.ones(B, S, dtype=torch.bool) if valid is None else valid
+    idx, mask, vals, v, capacity, ctx = _route_and_check("topk", inp, device)
+    B, S = vals.shape
     for b in range(B):
         chosen = set(idx[b].tolist())
         keys = {s: _rank_key(float(vals[b, s]), bool(v[b, s]), s) for s in range(S)}
@@ -139,17 +148,8 @@ def test_topk_route_properties(inp, device):
 @ROUTE_SETTINGS
 @given(inp=routing_inputs())
 def test_threshold_route_properties(inp, device):
-    logits, capacity, valid, layout = inp
-    B, S = logits.shape
-    lv, vv = _on(device, logits, valid, layout)
-    idx, mask = mod_ext.threshold_route(lv, capacity, vv)
-    ctx = f"threshold B={B} S={S} C={capacity} dtype={logits.dtype} layout={layout}"
-    assert_routing_equal((idx, mask), R.threshold_route_ref(logits, capacity, valid), ctx)
-
-    idx, mask = idx.cpu(), mask.cpu()
-    _check_shape_invariants(idx, mask, B, S, capacity, ctx)
-    vals = logits.float()
-    v = torch.ones(B, S, dtype=torch.bool) if valid is None else valid
+    idx, mask, vals, v, capacity, ctx = _route_and_check("threshold", inp, device)
+    B, S = vals.shape
     for b in range(B):
         wants = [s for s in range(S) if bool(v[b, s]) and float(vals[b, s]) > 0]
         routed = wants[:capacity]
