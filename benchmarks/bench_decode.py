@@ -215,18 +215,14 @@ def main(argv=None):
 
 
 def _table(rows):
-    for r in rows:
-        r.setdefault("cache_mib", r["cache_bytes_per_seq"] / 2**20)
-    out = md_table(rows, [("model", "model", ""), ("path", "path", ""), ("B", "batch", ""), ("context", "context", ""),
+    shown = [dict(r, cache_mib=r["cache_bytes_per_seq"] / 2**20) for r in rows]  # rows (the JSON) untouched
+    return md_table(shown, [("model", "model", ""), ("path", "path", ""), ("B", "batch", ""), ("context", "context", ""),
                           ("CUDA graph", "cuda_graph", ""), ("ms / step", "step_ms", ".3f"),
                           ("tokens / s", "tokens_per_s", ",.1f"), ("MoD speedup", "speedup_vs_dense", ".2f"),
                           ("cache MiB / seq", "cache_mib", ".2f"),
                           ("MoD layer / dense layer cache", "mod_layer_cache_ratio", ".3f"),
                           ("decode capacity", "decode_capacity", ""), ("target", "target", ""),
                           ("status", "status", "")])
-    for r in rows:
-        del r["cache_mib"]
-    return out
 
 
 if __name__ == "__main__":

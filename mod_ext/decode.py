@@ -95,13 +95,17 @@ class LayerCache:
             0..fill-1 hold the sequence's routed tokens in position order, entry L-1 is
             a scratch slot that is never attended to.
         fill: (B,) int64 routed tokens held (MoD layers), else None.
-        limit: most routed tokens a sequence can hold here (MoD layers), else None.
-        rule_limit: K, the most the model's causal rule routes per sequence (MoD layers).
+        rule_limit: K, the most the model's causal rule routes per sequence (MoD layers),
+            else None.
+        limit (derived): most routed tokens a sequence can hold here, min(slots, K).
     """
 
-    def __init__(self, k: Tensor, v: Tensor, fill: Optional[Tensor] = None, limit: Optional[int] = None):
-        self.k, self.v, self.fill, self.limit = k, v, fill, limit
-        self.rule_limit = limit
+    def __init__(self, k: Tensor, v: Tensor, fill: Optional[Tensor] = None, rule_limit: Optional[int] = None):
+        self.k, self.v, self.fill, self.rule_limit = k, v, fill, rule_limit
+
+    @property
+    def limit(self) -> Optional[int]:
+        return None if self.rule_limit is None else min(self.scratch, self.rule_limit)
 
     @property
     def is_mod(self) -> bool:
@@ -166,13 +170,11 @@ class MoDKVCache:
         self.layers: List[LayerCache] = []
         for layer in model.layers:
             if isinstance(layer, MoDBlock):
-                rule_limit = layer.causal_capacity(cfg.block_size)
                 shape = (batch, self.slots + 1, nh, hs)
                 fill = torch.zeros(batch, dtype=torch.int64, device=device)
-                lc = LayerCache(torch.zeros(shape, dtype=dtype, device=device),
-                                torch.zeros(shape, dtype=dtype, device=device), fill, min(self.slots, rule_limit))
-                lc.rule_limit = rule_limit
-                self.layers.append(lc)
+                self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                                              torch.zeros(shape, dtype=dtype, device=device), fill,
+                                              layer.causal_capacity(cfg.block_size)))
             else:
                 shape = (batch, max_len, nh, hs)
                 self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
