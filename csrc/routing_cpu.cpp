@@ -446,32 +446,23 @@ inline void memory_barrier(const void* p) {
 // Row kernels: one row of D elements, acc math, one rounding per element.
 // ---------------------------------------------------------------------------
 
-// dst = round(0 + src): the first gradient row landing on a position, exactly as the
-// reference's zeros().scatter_add_() computes it (so -0.0 becomes +0.0).
-template <typename scalar_t>
-void zero_plus_row(const scalar_t* src, scalar_t* dst, int64_t D) {
-  using acc = acc_t<scalar_t>;
-  acc sbuf[kChunk], obuf[kChunk];
-  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-    const int64_t n = std::min(kChunk, D - d0);
-    const acc* s = load_acc(src + d0, sbuf, n);
-    acc* o = acc_target(dst + d0, obuf);
-    for (int64_t d = 0; d < n; ++d) o[d] = acc(0) + s[d];
-    store_acc(o, dst + d0, n);
-  }
-}
-
-// dst = round(dst + src).
-template <typename scalar_t>
-void accumulate_row(const scalar_t* src, scalar_t* dst, int64_t D) {
+// dst = round(base + src) in acc precision, base = +0 (kOnZero: the first gradient row
+// landing on a position, exactly as the reference's zeros().scatter_add_() computes it,
+// so -0.0 becomes +0.0) or the current dst (accumulate a repeated position).
+template <bool kOnZero, typename scalar_t>
+void add_row(const scalar_t* src, scalar_t* dst, int64_t D) {
   using acc = acc_t<scalar_t>;
   acc sbuf[kChunk], dbuf[kChunk];
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     const int64_t n = std::min(kChunk, D - d0);
     const acc* s = load_acc(src + d0, sbuf, n);
-    const acc* old = load_acc(dst + d0, dbuf, n);
     acc* o = acc_target(dst + d0, dbuf);
-    for (int64_t d = 0; d < n; ++d) o[d] = old[d] + s[d];
+    if constexpr (kOnZero) {
+      for (int64_t d = 0; d < n; ++d) o[d] = acc(0) + s[d];
+    } else {
+      const acc* old = load_acc(dst + d0, dbuf, n);
+      for (int64_t d = 0; d < n; ++d) o[d] = old[d] + s[d];
+    }
     store_acc(o, dst + d0, n);
   }
 }
@@ -586,7 +577,7 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
         std::memset(op + r0 * D, 0, (r1 - r0) * D * sizeof(scalar_t));
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t j = slot[r];
-          if (j >= 0) zero_plus_row(gp + ((r / S) * C + j) * D, op + r * D, D);
+          if (j >= 0) add_row</*kOnZero=*/true>(gp + ((r / S) * C + j) * D, op + r * D, D);
         }
       }
     });
@@ -597,7 +588,7 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
           if (!has_repeats[b]) continue;
           for (int64_t j = 0; j < C; ++j) {
             const int64_t s = ip[b * C + j];
-            if (slot[b * S + s] != j) accumulate_row(gp + (b * C + j) * D, op + (b * S + s) * D, D);
+            if (slot[b * S + s] != j) add_row</*kOnZero=*/false>(gp + (b * C + j) * D, op + (b * S + s) * D, D);
           }
         }
       });
