@@ -1,12 +1,6 @@
 """pytest configuration shared by the mod_ext tests.
 
-Shared helpers (devices, tolerances, strided views, exact comparisons) live in
-``tests/mod_test_utils.py`` so that test modules can import them by name.
+``tests`` is a package, so test modules import the shared helpers (devices, tolerances,
+strided views, exact comparisons) as ``from tests.helpers import ...``; the oracles they
+compare against are in :mod:`mod_ext.reference`. Nothing here changes global state.
 """
-
-import os
-import sys
-
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 import mod_ext
-from mod_test_utils import DEVICES, assert_bitwise_equal, assert_close, assert_routing_equal, requires_cuda
+from tests.helpers import DEVICES, assert_bitwise_equal, assert_close, assert_routing_equal, requires_cuda
 
 try:
     from functorch.compile import make_boxed_func

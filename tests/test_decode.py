@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mod_ext.decode import default_decode_capacity
 from mod_ext.models import ModelConfig, MoDTransformer, dense_config
-from mod_test_utils import DEVICES, requires_cuda
+from tests.helpers import DEVICES, requires_cuda
 
 V = 64
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mod_ext
-from mod_test_utils import DEVICES, requires_cuda
+from tests.helpers import DEVICES, requires_cuda
 
 ops = torch.ops.mod_ext
 ROUTERS = [("topk_route", "router_logits"), ("threshold_route", "scores")]

@@ -7,7 +7,7 @@ import torch
 
 import mod_ext
 from mod_ext import reference as R
-from mod_test_utils import (
+from tests.helpers import (
     DATA_DTYPES,
     DEVICES,
     assert_bitwise_equal,

@@ -12,7 +12,7 @@ from torch import nn
 
 import mod_ext
 from mod_ext import reference as R
-from mod_test_utils import (
+from tests.helpers import (
     DEVICES,
     assert_bitwise_equal,
     assert_close,

@@ -8,7 +8,6 @@ import torch
 import mod_ext
 from mod_ext.models import Block, ModelConfig, MoDTransformer, apply_rotary, dense_config
 
-torch.set_num_threads(2)
 
 
 def tiny_cfg(**kw):

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import mod_ext
 from mod_ext import reference as R
-from mod_test_utils import (
+from tests.helpers import (
     DEVICES,
     LAYOUTS,
     assert_bitwise_equal,

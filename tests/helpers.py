@@ -1,4 +1,4 @@
-"""Helpers shared by the mod_ext tests: devices, tolerances, input makers, comparisons.
+"""Helpers shared by the mod_ext tests (import as ``from tests.helpers import ...``): devices, tolerances, input makers, comparisons.
 
 Inputs are always generated on the CPU with a seeded ``torch.Generator`` and then moved
 to the device under test, so a CUDA run compares against the oracle on the very same
