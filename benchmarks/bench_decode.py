@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, Results, add_common_args, env_info, interleaved_medians, judge, md_table,  # noqa: E402
                     print_env, setup)
 
-from mod_ext.decode import DecodeGraph  # noqa: E402
+from mod_ext.generation import DecodeGraph  # noqa: E402
+from mod_ext.kv_cache import MoDLayerCache  # noqa: E402
 from mod_ext.models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
 
 # Targets of issue 4: CPU: MoD not slower than dense at B = 8; GPU (bf16, width 2048, 16
@@ -107,7 +108,7 @@ def synthetic_state(cache):
     for lc in cache.layers:
         lc.k.normal_()
         lc.v.normal_()
-        if lc.is_mod:
+        if isinstance(lc, MoDLayerCache):
             lc.fill.fill_(lc.limit // 2)
     cache.key_valid.fill_(True)
     cache.col.fill_(1)
@@ -179,8 +180,8 @@ def main(argv=None):
                 for (name, path), cache in caches.items():
                     t = times[(name, path)]
                     layer_bytes = cache.layer_bytes_per_seq()
-                    dense_b = [n for n, lc in zip(layer_bytes, cache.layers) if not lc.is_mod]
-                    mod_b = [n for n, lc in zip(layer_bytes, cache.layers) if lc.is_mod]
+                    dense_b = [n for n, lc in zip(layer_bytes, cache.layers) if not isinstance(lc, MoDLayerCache)]
+                    mod_b = [n for n, lc in zip(layer_bytes, cache.layers) if isinstance(lc, MoDLayerCache)]
                     row = {"model": name, "path": path if name == "mod" else "-", "batch": batch, "context": context,
                            "cuda_graph": cuda_graph, "step_ms": t * 1e3, "tokens_per_s": batch / t,
                            "cache_bytes_per_seq": cache.bytes_per_seq(),

@@ -2,6 +2,12 @@
 
 Raposo et al. 2024, "Mixture-of-Depths: Dynamically allocating compute in
 transformer-based language models" (arXiv 2404.02258). See README.md.
+
+Modules, in the direction data flows: :mod:`mod_ext.ops` (the compiled routing ops),
+:mod:`mod_ext.layer` (the MoD layer) with :mod:`mod_ext.kv_cache` (its KV cache),
+:mod:`mod_ext.models` (the reference MoD language model), :mod:`mod_ext.generation`
+(sampling through the KV cache), :mod:`mod_ext.demo` (needs the ``[demo]`` extra:
+numpy, tqdm, matplotlib). Importing mod_ext needs only torch.
 """
 
 from ._version import __version__
@@ -14,12 +20,15 @@ from .ops import (
     threshold_route,
     topk_route,
 )
+from .kv_cache import CachedBlock, DenseLayerCache, MoDLayerCache
 from .layer import (
     MoDBlock,
+    MoDBlockOutput,
     MoDOutput,
     MoDPredictor,
     RoutingMetrics,
     capacity_for,
+    default_decode_capacity,
     mod_block,
     router_aux_loss,
     routing_metrics,
@@ -44,4 +53,9 @@ __all__ = [
     "RoutingMetrics",
     "MoDPredictor",
     "MoDBlock",
+    "MoDBlockOutput",
+    "default_decode_capacity",
+    "CachedBlock",
+    "MoDLayerCache",
+    "DenseLayerCache",
 ]

@@ -31,13 +31,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .data import BatchSampler, Corpus, decode, encode, get_batch, load_corpus  # noqa: E402
 from .layer import routing_metrics  # noqa: E402
+from .generation import MoDKVCache  # noqa: E402
 from .models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
 from .ops import threshold_route  # noqa: E402
 
@@ -111,8 +111,7 @@ def evaluate(model: MoDTransformer, batches, routing: str = "topk") -> float:
     model.eval()
     losses = []
     for x, y in batches:
-        logits, _ = model(x, routing=routing)
-        losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).item())
+        losses.append(model(x, y, routing=routing).lm_loss.item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -156,9 +155,9 @@ def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_bat
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr)
-        _, loss = model(x, y)
+        out = model(x, y)  # out.loss = lm_loss + aux_loss_weight * aux_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         dt = time.perf_counter() - t0
@@ -167,9 +166,7 @@ def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_bat
         if step + 1 in eval_steps:
             record(step + 1)
         if step % 10 == 0 or step + 1 in eval_steps:
-            aux = model.last_aux_loss  # show the language-model loss without the aux term
-            ce = loss.item() - (cfg.aux_loss_weight * aux.item() if aux is not None else 0.0)
-            bar.set_postfix(ce=f"{ce:.3f}", val=f"{curve[-1]['val_loss']:.3f}")
+            bar.set_postfix(ce=f"{out.lm_loss.item():.3f}", val=f"{curve[-1]['val_loss']:.3f}")
     bar.close()
     return dict(
         model=model,
@@ -281,21 +278,22 @@ def plot_routing(model: MoDTransformer, passage: torch.Tensor, path: Path, width
 
 
 def timed_sample(model: MoDTransformer, prompt: torch.Tensor, args, repeats: int = 3
-                 ) -> Tuple[torch.Tensor, Optional[float]]:
+                 ) -> Tuple[torch.Tensor, Optional[float], Optional[MoDKVCache]]:
     """Sample args.sample_tokens tokens after prompt (1, T0) with the KV cache
-    (temperature 0.8, seeded); returns the ids and the sampled tokens per second (prefill
+    (temperature 0.8, seeded); returns the ids, the sampled tokens per second (prefill
     included; the median of ``repeats`` identical seeded runs, since one run of a few
-    hundred milliseconds swings with the machine's load; None when nothing was sampled).
-    ``model.last_decode_cache`` is left from the last run."""
+    hundred milliseconds swings with the machine's load; None when nothing was sampled)
+    and the KV cache of the last run (None when nothing was sampled)."""
     model.eval()
     times = []
     for _ in range(repeats):
         gen = torch.Generator().manual_seed(args.seed)
         t0 = time.perf_counter()
-        ids = model.generate(prompt, args.sample_tokens, temperature=0.8, generator=gen)
+        ids, cache = model.generate(prompt, args.sample_tokens, temperature=0.8, generator=gen, return_cache=True)
         times.append(time.perf_counter() - t0)
     model.train()
-    return ids, (args.sample_tokens * prompt.shape[0] / statistics.median(times) if args.sample_tokens else None)
+    rate = args.sample_tokens * prompt.shape[0] / statistics.median(times) if args.sample_tokens else None
+    return ids, rate, cache
 
 
 def summary_table(report: Dict) -> str:
@@ -375,13 +373,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results["mod"].update(predictor_metrics(model, val_batches))
 
     prompt = encode(PROMPT).long()[None]  # (1, T0)
-    sample_ids, results["mod"]["decode_tokens_per_s"] = timed_sample(model, prompt, args)
+    sample_ids, results["mod"]["decode_tokens_per_s"], cache = timed_sample(model, prompt, args)
     sample = decode(sample_ids[0].tolist())
-    cache = model.last_decode_cache
     if cache is not None:  # per MoD layer: tokens of the sample that it routed / dropped
         results["mod"]["sample_routed_per_layer"] = dict(zip(map(str, model.mod_layer_ids), cache.fill_counts()[:, 0].tolist()))
         results["mod"]["sample_drops_per_layer"] = dict(zip(map(str, model.mod_layer_ids), cache.drops[:, 0].tolist()))
-    dense_ids, results["dense"]["decode_tokens_per_s"] = timed_sample(dense["model"], prompt, args)
+    dense_ids, results["dense"]["decode_tokens_per_s"], _ = timed_sample(dense["model"], prompt, args)
     results["dense"]["sample"] = decode(dense_ids[0].tolist())
 
     passage = held_out_passage(corpus, min(args.passage_chars, args.seq_len))

@@ -1,27 +1,59 @@
 """The Mixture-of-Depths layer on top of the routing ops.
 
 ``mod_block`` is the functional form (one MoD layer around any block update ``f``);
-``MoDBlock`` is the ``nn.Module`` that owns the router, the predictor and a user block.
-Semantics: docs/MOD_SPEC.md sections 1-3; Raposo et al. 2024 (arXiv 2404.02258),
-Sections 3.1-3.5. Nothing here synchronises with the host, so it traces with
-``torch.compile(fullgraph=True)`` and captures in CUDA graphs.
+``MoDBlock`` is the ``nn.Module`` that owns the router, the predictor and a user block,
+with ``forward`` (training / full sequences), ``prefill`` and ``decode`` (sampling
+through a :class:`mod_ext.kv_cache.MoDLayerCache`). The routing maths (router logits,
+route, router weights, gather, scatter) lives here once and all three use it.
+
+Semantics: docs/MOD_SPEC.md sections 1-4; Raposo et al. 2024 (arXiv 2404.02258),
+Sections 3.1-3.5. Nothing here synchronises with the host (except the dynamic decode
+path, which is eager-only by design), so it traces with ``torch.compile(fullgraph=True)``
+and captures in CUDA graphs.
+
+Terms (one name per concept):
+
+* *router logits* ``z = x @ w_r (+ b)``, (B, S) float32 (float64 for float64 x).
+* *routing*: ``"topk"`` (expert-choice top-k over the sequence; training) or
+  ``"causal"`` (a token is routed when its causal score > 0 and fewer than the
+  capacity earlier tokens of its row were routed; sampling). The op of causal routing
+  is :func:`mod_ext.threshold_route`.
+* *causal scores*: what causal routing thresholds: the predictor's logits, or the
+  router logits (``causal_router="router"``).
+* *slot*: one of the C positions of a routed row; a *padding* slot holds no routed
+  token (slot_mask False, router weight 0). A token that wants the block but gets no
+  slot is *dropped* (it skips the layer).
+* *capacity* C (layer capacity): slots per row of one call, ``capacity_for(S, c)`` for
+  capacity factor c in top-k mode.
+* *causal capacity* K: the most tokens causal routing routes per sequence,
+  ``capacity_for(max_seq_len, c)``, fixed by ``max_seq_len`` so that a token's decision
+  never depends on the input length.
+* *decode capacity*: block slots per MoD layer in one decode step (B new tokens
+  compete for them by top-k over the batch).
+* *cache slots*: routed tokens a MoD layer's KV cache holds per sequence
+  (:class:`mod_ext.kv_cache.MoDLayerCache`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kv_cache import MoDLayerCache
 from .ops import gather_tokens, scatter_add_weighted, scatter_add_weighted_, threshold_route, topk_route
 
 __all__ = [
     "MoDOutput",
+    "MoDBlockOutput",
     "RoutingMetrics",
     "capacity_for",
+    "default_decode_capacity",
     "mod_block",
     "router_aux_loss",
     "topk_targets",
@@ -31,6 +63,7 @@ __all__ = [
 ]
 
 BlockFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+ROUTING_MODES = ("topk", "causal")
 
 
 class MoDOutput(NamedTuple):
@@ -43,36 +76,125 @@ class MoDOutput(NamedTuple):
     router_weights: Tensor  #: (B, C) float32 (float64 for float64 x), act(router logit); 0 for padding slots
 
 
-def capacity_for(seq_len: int, capacity_factor: float) -> int:
-    """Capacity ``k = min(S, max(1, ceil(c * S)))`` of a MoD layer (docs/MOD_SPEC.md section 1.2).
+class MoDBlockOutput(NamedTuple):
+    """What :meth:`MoDBlock.forward` and :meth:`MoDBlock.prefill` return."""
+
+    output: Tensor  #: (B, S, D), dtype of x: the residual stream after the layer (= routing.output)
+    #: scalar loss that trains causal routing (the predictor's BCE, or the router's
+    #: auxiliary BCE with causal_router="router") in top-k mode; None in causal mode
+    aux_loss: Optional[Tensor]
+    routing: MoDOutput  #: router logits, indices, slot mask and router weights of the call
+    causal_scores: Tensor  #: (B, S) detached causal scores (> 0 routes causally), for routing_metrics
+
+
+def capacity_for(seq_len, capacity_factor) -> int:
+    """Capacity ``C = min(S, max(1, ceil(c * S)))`` of a MoD layer (docs/MOD_SPEC.md section 1.2).
 
     Args:
-        seq_len: S, the sequence length (int >= 1).
-        capacity_factor: c > 0, the fraction of tokens routed (paper: 0.125).
+        seq_len: S, the sequence length: an int >= 1 (a Python or numpy integer, or a
+            ``torch.SymInt`` under ``torch.compile(dynamic=True)`` / ``torch.export``).
+        capacity_factor: c > 0, the fraction of tokens routed (paper: 0.125); a
+            Python or numpy real number.
 
     Returns:
-        int in [1, S]. Depends only on shapes, so every MoD shape is static. ``c * S``
-        is rounded to 9 decimals before the ceiling, so 0.7 * 10 gives 7, not 8.
+        int in [1, S] (a SymInt for a symbolic S, with the same value at every size).
+        Depends only on shapes, so every MoD shape is static. ``c * S`` is rounded to
+        9 decimals before the ceiling, so 0.7 * 10 gives 7, not 8.
 
     Raises:
-        ValueError: seq_len < 1 or capacity_factor not a positive finite number.
+        ValueError: seq_len not an int >= 1, or capacity_factor not a positive finite number.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    # Python ints and SymInts (Dynamo shows a symbolic size as an int) pass as they are, so
+    # a symbolic size is never specialised; other integers (numpy) go through __index__.
+    if isinstance(seq_len, bool):
         raise ValueError(f"mod_ext.capacity_for: seq_len must be an int >= 1, got {seq_len!r}")
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+    if not isinstance(seq_len, (int, torch.SymInt)):
+        try:
+            seq_len = operator.index(seq_len)
+        except TypeError:
+            raise ValueError(f"mod_ext.capacity_for: seq_len must be an int >= 1, got {seq_len!r}") from None
+    if seq_len < 1:
+        raise ValueError(f"mod_ext.capacity_for: seq_len must be an int >= 1, got {seq_len!r}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
         raise ValueError(
             f"mod_ext.capacity_for: capacity_factor must be a positive number, got {capacity_factor!r}"
         )
     c = float(capacity_factor)
-    if not math.isfinite(c) or c <= 0:
+    if not 0 < c < math.inf:  # comparisons, not math.isfinite: c may be a SymFloat under torch.compile
         raise ValueError(
             f"mod_ext.capacity_for: capacity_factor must be a positive number, got {capacity_factor!r}"
         )
-    seq_len = int(seq_len)
-    return min(seq_len, max(1, math.ceil(round(c * seq_len, 9))))
+    # sym_min / sym_max are min / max for ints and stay symbolic (no guard) for SymInts.
+    return torch.sym_min(seq_len, torch.sym_max(1, math.ceil(round(c * seq_len, 9))))
 
 
-def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation, capacity):
+def default_decode_capacity(batch: int, capacity_factor: float) -> int:
+    """Default decode capacity: block slots per MoD layer in a decode step of ``batch`` tokens.
+
+    ``min(batch, ceil(c * B + 3 * sqrt(B * c * (1 - c))))``: the expected number of routed
+    tokens ``c * B`` plus three standard deviations of a Binomial(B, c) as headroom, so a
+    predictor that routes a fraction c of tokens independently overflows in well under
+    1% of steps (B = 64, c = 0.125: 16 slots; B = 8: 4; B = 1: 1).
+
+    Raises:
+        ValueError: batch not an int >= 1, or capacity_factor not in (0, 1].
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"default_decode_capacity: batch must be an int >= 1, got {batch!r}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real) or not (
+        0 < float(capacity_factor) <= 1
+    ):
+        raise ValueError(f"default_decode_capacity: capacity_factor must be in (0, 1], got {capacity_factor!r}")
+    c = float(capacity_factor)
+    return min(batch, max(1, math.ceil(round(c * batch + 3 * math.sqrt(batch * c * (1 - c)), 9))))
+
+
+def _router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor] = None) -> Tensor:
+    """Router logits ``x @ w_r (+ b)``, (B, S) in float32 (float64 for float64 x).
+
+    The one place the router logits are computed (mod_block, MoDBlock.causal_scores,
+    MoDBlock.decode), so the routing decision is the same on every path.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = torch.matmul(x.to(acc), router_weight.to(acc))
+    if router_bias is not None:
+        z = z + router_bias.to(device=x.device, dtype=acc).reshape(())
+    return z
+
+
+def _as_bias(router_bias):
+    """router_bias as a tensor (a Python/numpy number is accepted), or a clear error."""
+    if router_bias is None or isinstance(router_bias, torch.Tensor):
+        return router_bias
+    if isinstance(router_bias, bool) or not isinstance(router_bias, numbers.Real):
+        raise ValueError(
+            f"mod_ext.mod_block: router_bias must be a scalar tensor or a real number, got {router_bias!r}"
+        )
+    return torch.tensor(float(router_bias), dtype=torch.float32)
+
+
+def _check_capacity(capacity):
+    if capacity is None or (isinstance(capacity, (int, torch.SymInt)) and not isinstance(capacity, bool)):
+        return capacity  # an int or SymInt as it is (no specialisation of a symbolic capacity)
+    if isinstance(capacity, bool):
+        raise ValueError(f"mod_ext.mod_block: capacity must be an int in [1, S] or None, got {capacity!r}")
+    try:
+        return operator.index(capacity)
+    except TypeError:
+        raise ValueError(f"mod_ext.mod_block: capacity must be an int in [1, S] or None, got {capacity!r}") from None
+
+
+def _check_routing(routing, where: str) -> None:
+    if routing == "threshold":
+        raise ValueError(
+            f"{where}: routing='threshold' was renamed to routing='causal' (the op keeps the name "
+            "mod_ext.threshold_route)"
+        )
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"{where}: routing must be 'topk' or 'causal', got {routing!r}")
+
+
+def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation):
     if not isinstance(x, torch.Tensor) or not isinstance(router_weight, torch.Tensor):
         raise ValueError("mod_ext.mod_block: x and router_weight must be torch tensors")
     if x.dim() != 3 or not x.is_floating_point():
@@ -85,30 +207,62 @@ def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing,
         raise ValueError(
             f"mod_ext.mod_block: router_weight must have shape (D,) = ({D},), got {tuple(router_weight.shape)}"
         )
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
-        raise ValueError(f"mod_ext.mod_block: capacity must be an int in [1, S] or None, got {capacity!r}")
     if router_bias is not None and router_bias.numel() != 1:
         raise ValueError(
             f"mod_ext.mod_block: router_bias must be a scalar tensor, got shape {tuple(router_bias.shape)}"
         )
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != (B, S)):
-        raise ValueError(
-            f"mod_ext.mod_block: valid must be a bool tensor of shape (B, S) = ({B}, {S}), got "
-            f"{valid.dtype} {tuple(valid.shape)}"
-        )
-    if routing not in ("topk", "threshold"):
-        raise ValueError(f"mod_ext.mod_block: routing must be 'topk' or 'threshold', got {routing!r}")
+    if valid is not None and (
+        not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != (B, S)
+    ):
+        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"mod_ext.mod_block: valid must be a bool tensor of shape (B, S) = ({B}, {S}), got {got}")
+    _check_routing(routing, "mod_ext.mod_block")
     if router_activation not in ("sigmoid", "identity"):
         raise ValueError(
             f"mod_ext.mod_block: router_activation must be 'sigmoid' or 'identity', got {router_activation!r}"
         )
     if scores is not None:
-        if routing != "threshold":
-            raise ValueError("mod_ext.mod_block: scores are only used with routing='threshold'")
-        if scores.shape != (B, S):
-            raise ValueError(
-                f"mod_ext.mod_block: scores must have shape (B, S) = ({B}, {S}), got {tuple(scores.shape)}"
-            )
+        if routing != "causal":
+            raise ValueError("mod_ext.mod_block: scores are only used with routing='causal'")
+        if not isinstance(scores, torch.Tensor) or scores.shape != (B, S):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"mod_ext.mod_block: scores must be a tensor of shape (B, S) = ({B}, {S}), got {got}")
+
+
+def _check_inplace(where: str, *tensors: Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError(
+            f"{where}: inplace=True is for inference only (the in-place update is not differentiable), but "
+            "grad mode is on and an input, the router or the block requires grad: use inplace=False, or run "
+            "under torch.no_grad() / torch.inference_mode()"
+        )
+
+
+def _apply(x: Tensor, router_logits: Tensor, indices: Tensor, slot_mask: Tensor, block_fn: BlockFn,
+           router_activation: str, inplace: bool, where: str) -> MoDOutput:
+    """Router weights, gather, block, scatter: ``x' = x + r * f(x~)`` on the slots (B, C)."""
+    logits_sel = router_logits.gather(1, indices)  # (B, C)
+    r = torch.sigmoid(logits_sel) if router_activation == "sigmoid" else logits_sel
+    r = torch.where(slot_mask, r, torch.zeros_like(r))  # padding slots: router weight 0
+
+    x_sel = gather_tokens(x, indices)  # (B, C, D)
+    f = block_fn(x_sel, indices, slot_mask)
+    if not isinstance(f, torch.Tensor) or f.shape != x_sel.shape:
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(
+            f"{where}: block_fn must return the update of shape (B, C, D) = "
+            f"{tuple(x_sel.shape)} as a tensor, got {got}"
+        )
+    # A padding slot's update must change nothing, even if the block returned NaN/inf
+    # there: with f = -0.0 and r = 0 the update is 0 * -0.0 = -0.0, and x + -0.0 == x
+    # bit for bit for every x (including -0.0 and NaN).
+    f = torch.where(slot_mask.unsqueeze(-1), f.to(x.dtype), torch.full_like(x_sel, -0.0))
+    if inplace:  # inference: update the C routed rows of x, no copy of the hidden state
+        _check_inplace(where, x, f, r)
+        out = scatter_add_weighted_(x, f, indices, r)
+    else:
+        out = scatter_add_weighted(x, f, indices, r)
+    return MoDOutput(out, router_logits, indices, slot_mask, r)
 
 
 def mod_block(
@@ -123,16 +277,18 @@ def mod_block(
     router_activation: str = "sigmoid",
     routing: str = "topk",
     scores: Optional[Tensor] = None,
+    inplace: bool = False,
 ) -> MoDOutput:
     """One Mixture-of-Depths layer: ``x' = x + r * f(x~)`` on the routed tokens only.
 
-    Steps (docs/MOD_SPEC.md section 1): router logits ``z = x @ router_weight (+ bias)``
-    in float32 (float64 for float64 x; the routing decision itself is always made on
-    the float32-rounded logits, so two float64 logits closer than float32 resolution
-    tie and go to the lower position); route C = capacity tokens per row; gather them in position order; run
-    ``f = block_fn(x_sel, positions, slot_mask)``; add ``r * f`` back onto the routed
-    rows, with ``r = act(z)`` for routed slots and 0 for padding slots. Tokens that
-    are not routed pass through bit for bit.
+    Steps (docs/MOD_SPEC.md section 1; paper Sections 3.1-3.4): router logits ``z = x @
+    router_weight (+ bias)`` in float32 (float64 for float64 x; the routing decision
+    itself is always made on the float32-rounded logits, so two float64 logits closer
+    than float32 resolution tie and go to the lower position); route C = capacity
+    tokens per row; gather them in position order; run ``f = block_fn(x_sel,
+    positions, slot_mask)``; add ``r * f`` back onto the routed rows, with ``r =
+    act(z)`` for routed slots and 0 for padding slots. Tokens that are not routed pass
+    through bit for bit.
 
     Args:
         x: (B, S, D) hidden states (residual stream), any floating dtype.
@@ -142,39 +298,44 @@ def mod_block(
             residual). Attention inside it must be causal in slot order (= position
             order), use ``positions`` for rotary encodings, and ignore keys whose
             slot_mask is False. Its output is cast to x.dtype.
-        capacity: slots per row C, 1 <= C <= S. Default ``capacity_for(S, capacity_factor)``.
+        capacity: slots per row C, 1 <= C <= S (an int, or a SymInt when tracing).
+            Default ``capacity_for(S, capacity_factor)``.
         capacity_factor: c, used when capacity is None (paper: 0.125).
         router_bias: optional scalar bias added to the router logits (a 1-element
             tensor, differentiable, or a Python number).
-        valid: optional (B, S) bool; invalid tokens are never routed (padding).
+        valid: optional (B, S) bool tensor; invalid tokens are never routed (padding).
         router_activation: "sigmoid" (bounded router weight) or "identity" (the
             paper's raw scalar ``r = w_r . x``).
-        routing: "topk" (expert-choice top-k over the sequence; training) or
-            "threshold" (causal first-come-first-served by ``scores > 0``; sampling).
-        scores: (B, S) causal routing scores (predictor logits) for
-            routing="threshold"; the router logits when None.
+        routing: "topk" (expert-choice top-k over the sequence; training) or "causal"
+            (first come first served by ``scores > 0``, at most C per row; sampling;
+            the op is :func:`mod_ext.threshold_route`). For a decision that does not
+            depend on the input length pass a capacity fixed by the longest input
+            (:meth:`MoDBlock.causal_capacity` does).
+        scores: (B, S) causal scores (predictor logits) for routing="causal"; the
+            router logits when None.
+        inplace: False (default): x is never modified, ``output`` is a new tensor.
+            True (inference only): the update is written into the C routed rows of x
+            (:func:`mod_ext.scatter_add_weighted_`) and ``output`` is x itself, so
+            serving never copies the (B, S, D) hidden state.
 
     Returns:
         :class:`MoDOutput` ``(output, router_logits, indices, slot_mask, router_weights)``.
-        Under ``torch.no_grad()`` / ``torch.inference_mode()`` the update is written
-        into x in place (:func:`mod_ext.scatter_add_weighted_`) and ``output`` is x
-        itself, so serving never copies the (B, S, D) hidden state; pass ``x.clone()``
-        to keep x. With grad mode on, x is never modified.
         Routing itself is not differentiable; gradients reach x, router_weight,
         router_bias and the block through ``r * f`` (paper Section 3.4).
 
     Raises:
-        ValueError: bad shapes, dtypes or option strings (the message names the argument).
+        ValueError: bad shapes, dtypes or option strings (the message names the
+            argument); routing="threshold" (renamed to "causal"); inplace=True in grad
+            mode when x, the router or the block requires grad.
         RuntimeError: from the ops, e.g. capacity outside [1, S].
     """
-    if router_bias is not None and not isinstance(router_bias, torch.Tensor):
-        router_bias = torch.as_tensor(router_bias, dtype=torch.float32)
-    _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation, capacity)
-    B, S, D = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    router_logits = torch.matmul(x.to(acc), router_weight.to(acc))  # (B, S)
-    if router_bias is not None:
-        router_logits = router_logits + router_bias.to(device=x.device, dtype=acc).reshape(())
+    router_bias = _as_bias(router_bias)
+    capacity = _check_capacity(capacity)
+    _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation)
+    if inplace:
+        _check_inplace("mod_ext.mod_block", x)
+    S = x.shape[1]
+    router_logits = _router_logits(x, router_weight, router_bias)  # (B, S)
     if capacity is None:
         capacity = capacity_for(S, capacity_factor)
 
@@ -184,28 +345,7 @@ def mod_block(
     else:
         src = router_logits if scores is None else scores
         indices, slot_mask = threshold_route(src.detach().float(), capacity, valid)
-
-    logits_sel = router_logits.gather(1, indices)  # (B, C)
-    r = torch.sigmoid(logits_sel) if router_activation == "sigmoid" else logits_sel
-    r = torch.where(slot_mask, r, torch.zeros_like(r))  # padding slots: router weight 0
-
-    x_sel = gather_tokens(x, indices)  # (B, C, D)
-    f = block_fn(x_sel, indices, slot_mask)
-    if not isinstance(f, torch.Tensor) or f.shape != x_sel.shape:
-        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-        raise ValueError(
-            f"mod_ext.mod_block: block_fn must return the update of shape (B, C, D) = "
-            f"{tuple(x_sel.shape)} as a tensor, got {got}"
-        )
-    # A padding slot's update must change nothing, even if the block returned NaN/inf
-    # there: with f = -0.0 and r = 0 the update is 0 * -0.0 = -0.0, and x + -0.0 == x
-    # bit for bit for every x (including -0.0 and NaN).
-    f = torch.where(slot_mask.unsqueeze(-1), f.to(x.dtype), torch.full_like(x_sel, -0.0))
-    if torch.is_grad_enabled():
-        out = scatter_add_weighted(x, f, indices, r)
-    else:  # inference: update the C routed rows of x in place, no copy of the hidden state
-        out = scatter_add_weighted_(x, f, indices, r)
-    return MoDOutput(out, router_logits, indices, slot_mask, r)
+    return _apply(x, router_logits, indices, slot_mask, block_fn, router_activation, inplace, "mod_ext.mod_block")
 
 
 def topk_targets(router_logits: Tensor, indices: Tensor) -> Tensor:
@@ -224,8 +364,29 @@ def _masked_mean(values: Tensor, valid: Optional[Tensor]) -> Tensor:
     return (values * v).sum() / v.sum().clamp_min(1.0)
 
 
+def _check_targets(where: str, name: str, logits, indices, valid) -> None:
+    """Shared checks of (B, S) logits/scores, (B, C) int64 indices in [0, S) and a (B, S)
+    bool valid mask. The index range is checked on the CPU in eager mode only (on CUDA,
+    or while compiling, it would be a host sync)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{where}: {name} must be a floating-point tensor of shape (B, S), got {got}")
+    B, S = logits.shape
+    if (not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != B
+            or indices.dtype != torch.int64):
+        got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"{where}: indices must be an int64 tensor of shape (B, C) with B = {B}, got {got}")
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S) or valid.dtype != torch.bool):
+        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"{where}: valid must be a bool tensor of shape (B, S) = {(B, S)}, got {got}")
+    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= S:
+            raise ValueError(f"{where}: indices must lie in [0, S) = [0, {S}), got min {lo}, max {hi}")
+
+
 def router_aux_loss(router_logits: Tensor, indices: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """Auxiliary BCE loss that makes the router logits causal-usable (Section 3.5).
+    """Auxiliary BCE loss that makes the router logits causal-usable (paper Section 3.5).
 
     Mean binary cross-entropy with logits between ``router_logits`` and the per-row
     top-k membership targets (1 at ``indices``, 0 elsewhere), over valid tokens. At
@@ -234,25 +395,17 @@ def router_aux_loss(router_logits: Tensor, indices: Tensor, valid: Optional[Tens
 
     Args:
         router_logits: (B, S) float logits (router or predictor).
-        indices: (B, C) int64 top-k positions from :func:`mod_ext.topk_route`.
+        indices: (B, C) int64 top-k positions in [0, S) from :func:`mod_ext.topk_route`.
         valid: optional (B, S) bool; invalid tokens are left out of the mean.
 
     Returns:
         Scalar tensor, dtype of router_logits.
 
     Raises:
-        ValueError: shapes that do not match.
+        ValueError: shapes or dtypes that do not match; indices outside [0, S) (checked
+            on the CPU in eager mode only: on CUDA it would be a host sync).
     """
-    if router_logits.dim() != 2:
-        raise ValueError(f"mod_ext.router_aux_loss: router_logits must be (B, S), got {tuple(router_logits.shape)}")
-    if indices.dim() != 2 or indices.shape[0] != router_logits.shape[0]:
-        raise ValueError(
-            f"mod_ext.router_aux_loss: indices must be (B, C) with B = {router_logits.shape[0]}, got {tuple(indices.shape)}"
-        )
-    if valid is not None and valid.shape != router_logits.shape:
-        raise ValueError(
-            f"mod_ext.router_aux_loss: valid must have shape (B, S) = {tuple(router_logits.shape)}, got {tuple(valid.shape)}"
-        )
+    _check_targets("mod_ext.router_aux_loss", "router_logits", router_logits, indices, valid)
     targets = topk_targets(router_logits, indices)
     bce = F.binary_cross_entropy_with_logits(router_logits, targets, reduction="none")
     return _masked_mean(bce, valid)
@@ -262,8 +415,8 @@ class RoutingMetrics(NamedTuple):
     """How well a causal score predicts top-k membership (0-d float tensors)."""
 
     accuracy: Tensor  #: fraction of valid tokens where (score > 0) == top-k membership
-    recall: Tensor  #: fraction of top-k tokens that the causal rule (threshold_route) also routes
-    routed_fraction: Tensor  #: fraction of valid tokens that the causal rule routes
+    recall: Tensor  #: fraction of top-k tokens that causal routing (threshold_route) also routes
+    routed_fraction: Tensor  #: fraction of valid tokens that causal routing routes
 
 
 def routing_metrics(
@@ -272,15 +425,20 @@ def routing_metrics(
     """Compare causal routing by ``scores`` with expert-choice top-k ``indices``.
 
     At capacity 0.125 a score that never routes is already 87.5% accurate, so recall
-    (the fraction of top-k tokens the causal rule also routes) is reported beside
-    accuracy. Computed on device, no host sync.
+    (the fraction of top-k tokens causal routing also routes) is reported beside
+    accuracy. Computed on device, no host sync (the index-range check runs on the CPU
+    in eager mode only).
 
     Args:
-        scores: (B, S) predictor or router logits.
-        indices: (B, C) top-k positions (the targets).
-        capacity: the causal rule's capacity (slots per row).
+        scores: (B, S) float causal scores (predictor or router logits).
+        indices: (B, C) int64 top-k positions (the targets).
+        capacity: causal routing's capacity (slots per row, an int in [1, S]).
         valid: optional (B, S) bool.
+
+    Raises:
+        ValueError: shapes or dtypes that do not match (the message names the argument).
     """
+    _check_targets("mod_ext.routing_metrics", "scores", scores, indices, valid)
     targets = topk_targets(scores.float(), indices) > 0.5
     if valid is not None:
         targets = targets & valid
@@ -317,6 +475,14 @@ class MoDPredictor(nn.Module):
         return router_aux_loss(self(x), indices, valid)
 
 
+def _check_positive_int(value, name: str, where: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
 class MoDBlock(nn.Module):
     """Turn a transformer block into a Mixture-of-Depths block in one line.
 
@@ -325,35 +491,38 @@ class MoDBlock(nn.Module):
     slot_mask)`` gets the routed tokens (B, C, D), their true positions (B, C) and the
     slot mask (B, C), and returns the update ``f`` (B, C, D) without the residual (or
     ``x_sel + f`` when ``block_returns_residual=True``; f is then recovered by
-    subtraction, which costs precision in low-precision dtypes).
+    subtraction, which costs precision in low-precision dtypes). To sample through a KV
+    cache (:meth:`prefill`, :meth:`decode`) the block implements the block protocol,
+    :class:`mod_ext.kv_cache.CachedBlock`.
 
-    Modes (``routing`` argument or the ``routing`` attribute):
-      * ``"topk"`` (training): expert-choice top-k at ``capacity_factor``; after each
-        call ``aux_loss`` holds the scalar loss that trains causal routing (the
-        predictor's BCE, or the router's auxiliary BCE when ``causal_router="router"``)
-        and ``last_output`` the :class:`MoDOutput`; ``last_scores`` holds the (B, S)
-        causal scores (predictor or router logits) of the same call, for
-        :func:`routing_metrics`.
+    Routing (``routing`` argument, or the ``routing`` attribute, default "topk"):
+      * ``"topk"`` (training): expert-choice top-k at ``capacity_factor`` (capacity
+        ``capacity_for(S, c)``); the call returns the aux loss that trains causal
+        routing (the predictor's BCE, or the router's auxiliary BCE when
+        ``causal_router="router"``), for the training loop to add to its loss.
       * ``"causal"`` (sampling): routes token by token by predictor logit > 0 (or
-        router logit > 0), first come first served, at most ``capacity_for(max_seq_len,
-        capacity_factor)`` tokens per row (all tokens of shorter inputs may route),
-        so a token's decision never depends on later tokens or on the input length.
+        router logit > 0), first come first served, at most the causal capacity ``K =
+        capacity_for(max_seq_len, capacity_factor)`` tokens per row (all tokens of
+        shorter inputs may route), so a token's decision never depends on later tokens
+        or on the input length.
+
+    The module keeps no state between calls (everything a call computes is returned),
+    so it survives ``copy.deepcopy``, ``state_dict`` round trips and activation
+    checkpointing, and it never modifies its input unless ``inplace=True``.
 
     Args:
         block: the residual function f.
-        d_model: D.
+        d_model: D (an int >= 1).
         capacity_factor: c (paper: 0.125).
         router_activation: "sigmoid" or "identity".
         causal_router: "predictor" or "router".
-        max_seq_len: the longest input; it fixes the causal capacity, and causal mode
-            requires it (ValueError otherwise).
+        max_seq_len: the longest input (an int >= 1); it fixes the causal capacity,
+            and causal mode requires it (ValueError otherwise).
         predictor_hidden: predictor MLP width.
         block_returns_residual: see above.
 
-    ``forward(x (B, S, D), valid=None, routing=None, positions=None) -> (B, S, D)``;
-    ``positions`` (B, S) int64 are the tokens' true positions (default ``arange(S)``),
-    for a window that does not start at 0 or left-padded rows: the block then gets
-    ``positions.gather(1, indices)``.
+    Raises:
+        ValueError: an argument out of range or an unknown option string.
     """
 
     def __init__(
@@ -369,6 +538,9 @@ class MoDBlock(nn.Module):
         block_returns_residual: bool = False,
     ):
         super().__init__()
+        _check_positive_int(d_model, "d_model", "MoDBlock")
+        _check_positive_int(max_seq_len, "max_seq_len", "MoDBlock", allow_none=True)
+        _check_positive_int(predictor_hidden, "predictor_hidden", "MoDBlock", allow_none=True)
         if causal_router not in ("predictor", "router"):
             raise ValueError(f"MoDBlock: causal_router must be 'predictor' or 'router', got {causal_router!r}")
         if router_activation not in ("sigmoid", "identity"):
@@ -387,14 +559,19 @@ class MoDBlock(nn.Module):
         self.router_bias = nn.Parameter(torch.zeros(()))
         self.predictor = MoDPredictor(d_model, predictor_hidden) if causal_router == "predictor" else None
         self.routing = "topk"
-        self.aux_loss: Optional[Tensor] = None
-        self.last_output: Optional[MoDOutput] = None
-        self.last_scores: Optional[Tensor] = None
 
-    def _block_fn(self, positions: Optional[Tensor]):
+    # ------------------------------------------------------------------ helpers
+
+    def _block_fn(self, positions: Optional[Tensor], write=None) -> BlockFn:
+        """The block as a mod_block block_fn; positions (B, S) are gathered at the
+        routed indices (None: the indices are the positions)."""
+
         def f(x_sel: Tensor, indices: Tensor, slot_mask: Tensor) -> Tensor:
             pos = indices if positions is None else positions.gather(1, indices)
-            out = self.block(x_sel, pos, slot_mask)
+            if write is None:
+                out = self.block(x_sel, pos, slot_mask)
+            else:
+                out = self.block(x_sel, pos, slot_mask, write(slot_mask))
             return out - x_sel if self.block_returns_residual else out
 
         return f
@@ -402,9 +579,10 @@ class MoDBlock(nn.Module):
     def causal_capacity(self, seq_len: int) -> int:
         """Slots per row in causal mode for an input of length seq_len.
 
-        ``min(seq_len, capacity_for(max_seq_len, capacity_factor))``: fixed by
-        ``max_seq_len``, not by the input length, so a prefix routes exactly as it does
-        inside a longer input (with seq_len <= the fixed capacity the cap cannot bind).
+        ``min(seq_len, K)`` with the causal capacity ``K = capacity_for(max_seq_len,
+        capacity_factor)``: fixed by ``max_seq_len``, not by the input length, so a
+        prefix routes exactly as it does inside a longer input (with seq_len <= K the
+        cap cannot bind). ``causal_capacity(max_seq_len)`` is K.
 
         Raises:
             ValueError: max_seq_len was not set, or seq_len exceeds it.
@@ -417,14 +595,31 @@ class MoDBlock(nn.Module):
             )
         if seq_len > self.max_seq_len:
             raise ValueError(f"MoDBlock: input length {seq_len} exceeds max_seq_len = {self.max_seq_len}")
-        return min(seq_len, capacity_for(self.max_seq_len, self.capacity_factor))
+        return torch.sym_min(seq_len, capacity_for(self.max_seq_len, self.capacity_factor))
 
     def causal_scores(self, x: Tensor) -> Tensor:
-        """(B, S) float32 scores that route causally (> 0 routes)."""
+        """(B, S) causal scores of x (B, S, D) (> 0 routes causally): the predictor's
+        logits (float32), or the router logits (float32; float64 for float64 x) with
+        ``causal_router="router"``. Decisions are made on their float32 rounding."""
         if self.predictor is not None:
             return self.predictor(x)
-        z = torch.matmul(x.float(), self.router_weight.float()) + self.router_bias.float()
-        return z
+        return _router_logits(x, self.router_weight, self.router_bias)
+
+    def _check_x(self, x: Tensor, where: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{where}: x must have shape (B, S, D) with D = d_model = {self.d_model}, got {got}")
+
+    @staticmethod
+    def _check_positions(positions: Optional[Tensor], shape, where: str) -> None:
+        if positions is not None and (
+            not isinstance(positions, torch.Tensor) or positions.shape != shape or positions.dtype != torch.int64
+        ):
+            got = (f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
+                   else type(positions).__name__)
+            raise ValueError(f"{where}: positions must be an int64 tensor of shape {tuple(shape)}, got {got}")
+
+    # ------------------------------------------------------------------ forward
 
     def forward(
         self,
@@ -432,38 +627,212 @@ class MoDBlock(nn.Module):
         valid: Optional[Tensor] = None,
         routing: Optional[str] = None,
         positions: Optional[Tensor] = None,
-    ) -> Tensor:
+        *,
+        inplace: bool = False,
+    ) -> MoDBlockOutput:
+        """One MoD layer over full sequences (training, evaluation, causal recompute).
+
+        Args:
+            x: (B, S, D) hidden states, any floating dtype.
+            valid: optional (B, S) bool, False for padding tokens (never routed).
+            routing: "topk" or "causal" (default: the ``routing`` attribute).
+            positions: optional (B, S) int64 true positions of the tokens (default
+                ``arange(S)``), for a window that does not start at 0 or left-padded
+                rows: the block then gets ``positions.gather(1, indices)``.
+            inplace: see :func:`mod_block` (inference only; default False: x is
+                never modified).
+
+        Returns:
+            :class:`MoDBlockOutput` ``(output (B, S, D), aux_loss (scalar in topk mode,
+            else None), routing (MoDOutput), causal_scores (B, S) detached)``.
+
+        Raises:
+            ValueError: bad shapes or options (named), causal mode without
+                max_seq_len or with S > max_seq_len, routing="threshold" (renamed).
+        """
         mode = routing or self.routing
-        if mode not in ("topk", "causal"):
-            raise ValueError(f"MoDBlock: routing must be 'topk' or 'causal', got {mode!r}")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"MoDBlock: x must have shape (B, S, D) with D = d_model = {self.d_model}, got {tuple(x.shape)}"
-            )
-        if positions is not None and (positions.shape != x.shape[:2] or positions.dtype != torch.int64):
-            raise ValueError(
-                f"MoDBlock: positions must be an int64 tensor of shape (B, S) = {tuple(x.shape[:2])}, "
-                f"got {positions.dtype} {tuple(positions.shape)}"
-            )
+        _check_routing(mode, "MoDBlock")
+        self._check_x(x, "MoDBlock")
+        self._check_positions(positions, x.shape[:2], "MoDBlock")
         block_fn = self._block_fn(positions)
         pred = self.predictor(x) if self.predictor is not None else None  # (B, S), x detached
         if mode == "topk":
             out = mod_block(
                 x, self.router_weight, block_fn,
                 capacity_factor=self.capacity_factor, router_bias=self.router_bias, valid=valid,
-                router_activation=self.router_activation, routing="topk",
+                router_activation=self.router_activation, routing="topk", inplace=inplace,
             )
             # Trains causal routing: the predictor (stop-gradient) or the router itself.
             scores = pred if pred is not None else out.router_logits
-            self.aux_loss = router_aux_loss(scores, out.indices, valid)
+            aux = router_aux_loss(scores, out.indices, valid)
         else:
             out = mod_block(
                 x, self.router_weight, block_fn,
                 capacity=self.causal_capacity(x.shape[1]), router_bias=self.router_bias, valid=valid,
-                router_activation=self.router_activation, routing="threshold", scores=pred,
+                router_activation=self.router_activation, routing="causal", scores=pred, inplace=inplace,
             )
             scores = pred if pred is not None else out.router_logits
-            self.aux_loss = None
-        self.last_output = out
-        self.last_scores = scores.detach()
-        return out.output
+            aux = None
+        return MoDBlockOutput(out.output, aux, out, scores.detach())
+
+    # ------------------------------------------------------------------ sampling
+
+    def _check_cache(self, cache, where: str, batch: int, x: Tensor) -> None:
+        if not isinstance(cache, MoDLayerCache):
+            raise ValueError(f"{where}: cache must be a mod_ext.kv_cache.MoDLayerCache, got {type(cache).__name__}")
+        if cache.batch != batch:
+            raise ValueError(f"{where}: x has batch {batch}, the cache was allocated for batch {cache.batch}")
+        if cache.device != x.device:
+            raise ValueError(f"{where}: x is on {x.device}, the cache on {cache.device}")
+        if not callable(getattr(self.block, "forward_cached", None)):
+            raise ValueError(
+                f"{where}: the block ({type(self.block).__name__}) does not implement the block protocol "
+                "(mod_ext.kv_cache.CachedBlock: block(x, positions, slot_mask, write) and "
+                "block.forward_cached(x, positions, write, read))"
+            )
+
+    def prefill(
+        self,
+        x: Tensor,
+        cache: MoDLayerCache,
+        valid: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
+        *,
+        inplace: bool = False,
+    ) -> MoDBlockOutput:
+        """Causal routing over a prompt, caching the routed tokens' keys and values.
+
+        The rule of ``forward(routing="causal")`` (paper Section 3.5), capped at the
+        cache's ``limit = min(slots, K)`` routed tokens per sequence: the routed tokens'
+        keys/values go to cache slots 0..fill-1 in position order, padding slots write
+        the scratch slot. The cache's sequences start here: fill is set to the routed
+        count and drops/overflow to this prompt's (tokens that wanted the layer but did
+        not fit; docs/MOD_SPEC.md section 4).
+
+        Args:
+            x: (B, T, D) the prompt's hidden states.
+            cache: this layer's :class:`~mod_ext.kv_cache.MoDLayerCache` for B sequences.
+            valid: optional (B, T) bool, False for (left) padding.
+            positions: optional (B, T) int64 true positions (default ``arange(T)``).
+            inplace: see :func:`mod_block`.
+
+        Returns:
+            :class:`MoDBlockOutput` (aux_loss None).
+
+        Raises:
+            ValueError: bad shapes, a cache of another batch or device, a block without
+                the block protocol, T > max_seq_len, no max_seq_len.
+        """
+        where = "MoDBlock.prefill"
+        self._check_x(x, where)
+        B, T, _ = x.shape
+        self._check_cache(cache, where, B, x)
+        self._check_positions(positions, (B, T), where)
+        C = min(self.causal_capacity(T), cache.limit)
+        scores = self.causal_scores(x)  # (B, T)
+        cache.reset()
+        out = mod_block(
+            x, self.router_weight, self._block_fn(positions, cache.prefill_write), capacity=C,
+            router_bias=self.router_bias, valid=valid, router_activation=self.router_activation,
+            routing="causal", scores=scores if self.predictor is not None else None, inplace=inplace,
+        )
+        want = scores.detach().float() > 0
+        if valid is not None:
+            want = want & valid
+        cache.record_prefill(out.slot_mask, want.long().sum(1))
+        return MoDBlockOutput(out.output, None, out, scores.detach())
+
+    def decode(
+        self,
+        x: Tensor,
+        cache: MoDLayerCache,
+        positions: Tensor,
+        active: Optional[Tensor] = None,
+        *,
+        decode_capacity: Optional[int] = None,
+        static: bool = True,
+        inplace: bool = False,
+    ) -> Tensor:
+        """One decode step of B sequences: each gets one new token, routed causally.
+
+        A new token *wants* the layer when its causal score > 0 and its sequence is
+        active; the candidates are those whose sequence holds fewer than ``cache.limit``
+        routed tokens. They compete by expert-choice top-k over the batch (by causal
+        score, :func:`mod_ext.topk_route`) for ``decode_capacity`` block slots; the
+        winners run ``block.forward_cached`` against their own sequence's cached routed
+        tokens (and append their key/value); unused block slots are padding, the others
+        are dropped (counted in ``cache.drops``, and in ``cache.overflow`` when a full
+        recompute would have routed them). With enough decode capacity and cache slots
+        the result equals a full causal recompute (docs/MOD_SPEC.md sections 2-4).
+
+        Args:
+            x: (B, 1, D) the new tokens' hidden states.
+            cache: this layer's :class:`~mod_ext.kv_cache.MoDLayerCache`.
+            positions: (B, 1) int64 true positions of the new tokens.
+            active: optional (B,) bool, False for finished sequences (never routed).
+            decode_capacity: block slots, an int in [1, B]; default
+                :func:`default_decode_capacity` ``(B, min(1, capacity_factor))``.
+            static: True: static-shaped and free of host syncs (the block runs on
+                decode_capacity rows, padding included; for CUDA graphs and
+                torch.compile). False: the dynamic path, eager only: the block runs on
+                the routed rows only and is skipped when none is routed (same results;
+                reads the routing decision on the host). Under torch.compile the static
+                path is always taken.
+            inplace: see :func:`mod_block` (the decode loop of
+                :mod:`mod_ext.generation` passes True under no_grad).
+
+        Returns:
+            (B, 1, D) the new tokens after the layer.
+
+        Raises:
+            ValueError: bad shapes, a cache of another batch or device, a block without
+                the block protocol, decode_capacity outside [1, B].
+        """
+        where = "MoDBlock.decode"
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{where}: x must have shape (B, 1, D) with D = d_model = {self.d_model}, got {got}")
+        B, _, D = x.shape
+        self._check_cache(cache, where, B, x)
+        self._check_positions(positions, (B, 1), where)
+        if decode_capacity is None:
+            decode_capacity = default_decode_capacity(B, min(1.0, float(self.capacity_factor)))
+        if isinstance(decode_capacity, bool) or not isinstance(decode_capacity, int) or not 1 <= decode_capacity <= B:
+            raise ValueError(f"{where}: decode_capacity must be an int in [1, B = {B}], got {decode_capacity!r}")
+        if active is not None and (
+            not isinstance(active, torch.Tensor) or active.shape != (B,) or active.dtype != torch.bool
+        ):
+            got = f"{active.dtype} {tuple(active.shape)}" if isinstance(active, torch.Tensor) else type(active).__name__
+            raise ValueError(f"{where}: active must be a bool tensor of shape (B,) = ({B},), got {got}")
+
+        scores = self.causal_scores(x)[:, 0].detach().float()  # (B,)
+        want = scores > 0
+        if active is not None:
+            want = want & active
+        candidate = cache.decode_candidates(want)
+        idx, slot_mask = topk_route(scores.view(1, B), decode_capacity, candidate.view(1, B))  # (1, Dc) each
+        selected = torch.zeros_like(want).scatter(0, idx[0], slot_mask[0])  # (B,)
+        cache.record_decode(want, selected)
+        if not static and not torch.compiler.is_compiling():
+            # Dynamic path (eager): run the block on the routed rows only and skip it
+            # when none is routed. Reading the mask is a host sync on a GPU, which is why
+            # static decoding (the default there, and what CUDA graphs need) never does this.
+            idx = idx[slot_mask].view(1, -1)
+            if idx.shape[1] == 0:
+                return x if inplace else x.clone()
+            slot_mask = torch.ones_like(idx, dtype=torch.bool)
+        n = idx.shape[1]
+        rows, row_mask = idx[0], slot_mask[0]  # (n,)
+        pos_sel = positions[:, 0].gather(0, rows)[:, None]  # (n, 1) true positions
+        write, read = cache.decode_kv(rows, row_mask)
+
+        def block_fn(x_sel: Tensor, indices: Tensor, mask: Tensor) -> Tensor:  # (1, n, D)
+            xs = x_sel.view(n, 1, D)
+            f = self.block.forward_cached(xs, pos_sel, write, read)  # (n, 1, D)
+            if self.block_returns_residual:
+                f = f - xs
+            return f.reshape(1, n, D)
+
+        z = _router_logits(x.view(1, B, D), self.router_weight, self.router_bias)  # (1, B)
+        out = _apply(x.view(1, B, D), z, idx, slot_mask, block_fn, self.router_activation, inplace, where)
+        return out.output.view(B, 1, D)

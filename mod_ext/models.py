@@ -7,6 +7,11 @@ SwiGLU MLP, causal attention via ``F.scaled_dot_product_attention``. Every
 (paper: 12.5% on every other layer). ``mod_every=0`` gives the dense baseline with
 the same parameters minus the routers/predictors.
 
+The model is a model: ``forward`` returns a :class:`MoDTransformerOutput` (logits and
+the losses a training loop backprops) and keeps no state between calls. Sampling (KV
+cache, prefill, decode step, CUDA graphs) is :mod:`mod_ext.generation`;
+``allocate_cache``, ``prefill``, ``decode_step`` and ``generate`` here delegate to it.
+
 Semantics: docs/MOD_SPEC.md sections 1, 3, 6; Raposo et al. 2024 (arXiv 2404.02258).
 """
 
@@ -14,37 +19,86 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decode as _decode
-from .decode import MoDKVCache
-from .layer import MoDBlock, capacity_for
+from .kv_cache import KVRead, KVWrite
+from .layer import MoDBlock, MoDBlockOutput, capacity_for
 
-__all__ = ["ModelConfig", "MoDTransformer", "Block", "dense_config", "apply_rotary"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .generation import MoDKVCache
+
+__all__ = [
+    "ModelConfig",
+    "MoDTransformer",
+    "MoDTransformerOutput",
+    "Block",
+    "dense_config",
+    "apply_rotary",
+    "check_token_ids",
+]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
 class ModelConfig:
+    """Configuration of :class:`MoDTransformer`.
+
+    Raises:
+        ValueError: a field out of range (the message names it), checked at construction.
+    """
+
     vocab_size: int = 256  # byte-level tokens
     block_size: int = 256  # max sequence length (rotary table length; fixes the causal capacity)
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
     mlp_hidden: Optional[int] = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 32
-    capacity_factor: float = 0.125  # fraction of tokens a MoD layer processes (paper: 0.125)
+    capacity_factor: float = 0.125  # fraction of tokens a MoD layer processes, in (0, 1] (paper: 0.125)
     mod_every: Optional[int] = 2  # layer i is MoD when i % mod_every == mod_every - 1; 0/None = dense
     router_activation: str = "sigmoid"  # "sigmoid" (bounded) or "identity" (paper's raw scalar)
     causal_router: str = "predictor"  # what routes in causal mode: "predictor" or "router" (aux loss)
-    aux_loss_weight: float = 0.1  # weight of the MoD layers' aux loss (predictor BCE or router BCE)
+    aux_loss_weight: float = 0.1  # weight of the MoD layers' aux loss (predictor BCE or router BCE), >= 0
     predictor_hidden: Optional[int] = None  # predictor MLP width; None = max(16, d_model // 4)
-    rope_base: float = 10000.0  # rotary frequency base
+    rope_base: float = 10000.0  # rotary frequency base, > 1
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {v!r}")
+        for name in ("mlp_hidden", "predictor_hidden"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise ValueError(f"ModelConfig: {name} must be an int >= 1 or None, got {v!r}")
+        if self.mod_every is not None and (not _is_int(self.mod_every) or self.mod_every < 0):
+            raise ValueError(f"ModelConfig: mod_every must be an int >= 0 or None (dense), got {self.mod_every!r}")
+        c = self.capacity_factor
+        if not _is_real(c) or not math.isfinite(c) or not 0 < c <= 1:
+            raise ValueError(f"ModelConfig: capacity_factor must be a number in (0, 1], got {c!r}")
+        w = self.aux_loss_weight
+        if not _is_real(w) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"ModelConfig: aux_loss_weight must be a finite number >= 0, got {w!r}")
+        if not _is_real(self.rope_base) or not math.isfinite(self.rope_base) or self.rope_base <= 1:
+            raise ValueError(f"ModelConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
+        if self.router_activation not in ("sigmoid", "identity"):
+            raise ValueError(
+                f"ModelConfig: router_activation must be 'sigmoid' or 'identity', got {self.router_activation!r}"
+            )
+        if self.causal_router not in ("predictor", "router"):
+            raise ValueError(f"ModelConfig: causal_router must be 'predictor' or 'router', got {self.causal_router!r}")
         if self.d_model % self.n_head != 0 or (self.d_model // self.n_head) % 2 != 0:
             raise ValueError(
                 f"ModelConfig: d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}) "
@@ -56,6 +110,14 @@ class ModelConfig:
     def is_mod_layer(self, i: int) -> bool:
         """True when layer i (0-based) is a Mixture-of-Depths layer."""
         return bool(self.mod_every) and i % self.mod_every == self.mod_every - 1
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int, where: str, name: str) -> None:
+    """ValueError for ids outside [0, vocab_size) (reads the ids on the host: call it at
+    prompt time, or on the CPU only)."""
+    if tokens.numel() and bool((tokens.min() < 0) | (tokens.max() >= vocab_size)):
+        raise ValueError(f"{where}: {name} holds token ids outside [0, vocab_size = {vocab_size}): "
+                         f"min {int(tokens.min())}, max {int(tokens.max())}")
 
 
 def dense_config(cfg: ModelConfig) -> ModelConfig:
@@ -94,12 +156,6 @@ class Rotary(nn.Module):
     def forward(self, positions: Tensor):
         """positions (B, T) int64 -> (cos, sin), each (B, T, 1, hs/2) float32."""
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
-
-
-# write(k, v) stores new keys/values (N, T, nh, hs); read() -> (keys (N, L, nh, hs),
-# values (N, L, nh, hs), key_mask (N, L) bool): see CausalSelfAttention.forward_cached.
-KVWrite = Callable[[Tensor, Tensor], None]
-KVRead = Callable[[], Tuple[Tensor, Tensor, Tensor]]
 
 
 class CausalSelfAttention(nn.Module):
@@ -147,7 +203,8 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
     def forward_cached(self, x: Tensor, positions: Tensor, write: KVWrite, read: KVRead) -> Tensor:
-        """One new token per row against a KV cache (decoding).
+        """One new token per row against a KV cache (decoding; the block protocol,
+        :class:`mod_ext.kv_cache.CachedBlock`).
 
         Args:
             x: (N, 1, D) the new tokens; positions: (N, 1) int64 true positions.
@@ -180,7 +237,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block that returns only its residual update f(x)."""
+    """Pre-norm transformer block that returns only its residual update f(x).
+
+    Implements the block protocol (:class:`mod_ext.kv_cache.CachedBlock`), so it can be
+    cached as a dense layer or inside a :class:`mod_ext.MoDBlock`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -214,16 +274,42 @@ class Block(nn.Module):
         return u1 + u2
 
 
+class MoDTransformerOutput(NamedTuple):
+    """What :meth:`MoDTransformer.forward` returns.
+
+    ``loss`` is what a training loop backprops: ``lm_loss + aux_loss_weight * aux_loss``
+    (``lm_loss`` alone for the dense model, in causal mode, or with aux_loss_weight 0).
+    """
+
+    logits: Tensor  #: (B, T, V) float, dtype of the model
+    loss: Optional[Tensor]  #: scalar training loss; None without targets
+    lm_loss: Optional[Tensor]  #: scalar next-token cross-entropy (nats); None without targets
+    #: scalar sum of the MoD layers' aux losses (predictor or router BCE) in topk mode;
+    #: None in causal mode and for the dense model
+    aux_loss: Optional[Tensor]
+    #: with ``return_routing=True``: one :class:`mod_ext.MoDBlockOutput` per MoD layer, in
+    #: depth order (``model.mod_layer_ids``); else None
+    mod_layer_outputs: Optional[Tuple[MoDBlockOutput, ...]] = None
+
+
 # --------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------
 
 
 class MoDTransformer(nn.Module):
-    """Decoder-only transformer; layers with ``cfg.is_mod_layer(i)`` are MoD layers."""
+    """Decoder-only transformer; layers with ``cfg.is_mod_layer(i)`` are MoD layers.
+
+    ``forward(idx, targets)`` returns a :class:`MoDTransformerOutput`; a training step
+    is ``model(x, y).loss.backward()``. The model keeps no state between calls, so it
+    survives ``copy.deepcopy`` (also after a training forward), ``state_dict`` round
+    trips and activation checkpointing.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"MoDTransformer: cfg must be a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         layers = []
@@ -244,9 +330,6 @@ class MoDTransformer(nn.Module):
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        self.last_aux_loss: Optional[Tensor] = None
-        self._decode_graphs: dict = {}  # (B, max_len, ...) -> decode.DecodeGraph (generate(cuda_graph=True))
-        self.last_decode_cache: Optional[MoDKVCache] = None  # the cache of the last generate(use_cache=True)
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -271,12 +354,23 @@ class MoDTransformer(nn.Module):
         """Number of parameters (tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def _check_idx(self, idx, where: str) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"{where}: idx must be a (B, T) int64 tensor of token ids, got {got}")
+        if idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"{where}: sequence length {idx.shape[1]} > block_size {self.cfg.block_size}")
+        # Reading the ids is free on the CPU; on CUDA, or inside torch.compile, it would be
+        # a host sync, so there an out-of-vocabulary id is not checked here.
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_token_ids(idx, self.cfg.vocab_size, where, "idx")
+
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, routing: str = "topk",
-                valid: Optional[Tensor] = None):
-        """Logits and (optionally) the training loss.
+                valid: Optional[Tensor] = None, *, return_routing: bool = False) -> MoDTransformerOutput:
+        """Logits and (with targets) the training loss.
 
         Args:
-            idx: (B, T) int64 token ids, T <= block_size.
+            idx: (B, T) int64 token ids in [0, vocab_size), T <= block_size.
             targets: optional (B, T) int64 next-token ids (-100 = ignored, e.g. padding).
             routing: "topk" (expert-choice, training; uses future tokens within the
                 sequence) or "causal" (predictor/router logit > 0, first come first
@@ -284,45 +378,70 @@ class MoDTransformer(nn.Module):
             valid: optional (B, T) bool, False for padding tokens: they are never
                 attended to or routed, and each row's true positions count only its
                 valid tokens (so left-padded prompts get positions 0, 1, ...).
+            return_routing: also return each MoD layer's :class:`~mod_ext.MoDBlockOutput`
+                (indices, slot mask, router logits, causal scores) in
+                ``mod_layer_outputs``; each then keeps its own output tensor (no
+                in-place update of the residual stream under no_grad).
 
         Returns:
-            ``(logits (B, T, V) float, loss)``: loss = cross-entropy + aux_loss_weight *
-            sum of the MoD layers' aux losses (topk mode), or None without targets.
-            After the call each MoDBlock holds ``last_output`` (indices, slot_mask, ...)
-            and ``aux_loss``; ``self.last_aux_loss`` holds the summed aux loss.
+            :class:`MoDTransformerOutput` ``(logits (B, T, V), loss, lm_loss, aux_loss,
+            mod_layer_outputs)``: loss = lm_loss + aux_loss_weight * aux_loss (the sum of
+            the MoD layers' aux losses, topk mode), None without targets.
+
+        Under no_grad / inference_mode the MoD layers update the model's own residual
+        stream in place (no copy of the hidden state); the caller's tensors are never
+        modified.
+
+        Raises:
+            ValueError: idx not (B, T) integer, T > block_size, token ids outside the
+                vocabulary (checked on the CPU in eager mode only: on CUDA or while
+                compiling it would be a host sync), targets or valid of the wrong
+                shape or dtype, an unknown routing.
         """
         if routing not in ("topk", "causal"):
             raise ValueError(f"MoDTransformer: routing must be 'topk' or 'causal', got {routing!r}")
+        self._check_idx(idx, "MoDTransformer")
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"MoDTransformer: sequence length {T} > block_size {self.cfg.block_size}")
+        if targets is not None and (
+            not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.dtype != torch.int64
+        ):
+            got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"MoDTransformer: targets must be an int64 tensor of shape (B, T) = {tuple(idx.shape)}, "
+                             f"got {got}")
         if valid is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
             mod_positions = None
         else:
-            if valid.dtype != torch.bool or valid.shape != idx.shape:
+            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != idx.shape:
+                got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
                 raise ValueError(
-                    f"MoDTransformer: valid must be a bool tensor of shape (B, T) = {tuple(idx.shape)}, got "
-                    f"{valid.dtype} {tuple(valid.shape)}"
+                    f"MoDTransformer: valid must be a bool tensor of shape (B, T) = {tuple(idx.shape)}, got {got}"
                 )
             positions = mod_positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+        # The residual stream x is the model's own (a fresh embedding lookup), so MoD
+        # layers may update it in place when no gradient is recorded.
+        inplace = not torch.is_grad_enabled() and not return_routing
         x = self.wte(idx)  # (B, T, D)
-        aux = []
+        aux, outs = [], []
         for layer in self.layers:
             if isinstance(layer, MoDBlock):
-                x = layer(x, valid=valid, routing=routing, positions=mod_positions)
-                if layer.aux_loss is not None:
-                    aux.append(layer.aux_loss)
+                out = layer(x, valid=valid, routing=routing, positions=mod_positions, inplace=inplace)
+                x = out.output
+                if out.aux_loss is not None:
+                    aux.append(out.aux_loss)
+                if return_routing:
+                    outs.append(out)
             else:
                 x = x + layer(x, positions, valid)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        self.last_aux_loss = torch.stack(aux).sum() if aux else None
-        loss = None
+        aux_loss = torch.stack(aux).sum() if aux else None
+        loss = lm_loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-            if self.last_aux_loss is not None and self.cfg.aux_loss_weight:
-                loss = loss + self.cfg.aux_loss_weight * self.last_aux_loss
-        return logits, loss
+            lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = lm_loss
+            if aux_loss is not None and self.cfg.aux_loss_weight:
+                loss = lm_loss + self.cfg.aux_loss_weight * aux_loss
+        return MoDTransformerOutput(logits, loss, lm_loss, aux_loss, tuple(outs) if return_routing else None)
 
     @torch.no_grad()
     def routing_report(self, idx: Tensor) -> List[dict]:
@@ -333,16 +452,13 @@ class MoDTransformer(nn.Module):
         ``router_logits`` (B, S) float32, ``causal_scores`` (B, S) float32 (predictor
         or router logits, > 0 routes in causal mode) and ``causal_capacity`` (int).
         """
-        self(idx, routing="topk")
-        report = []
-        for depth, m in zip(self.mod_layer_ids, self.mod_layers):
-            out = m.last_output
-            report.append(dict(
-                layer=depth, indices=out.indices, slot_mask=out.slot_mask,
-                router_logits=out.router_logits.float(), causal_scores=m.last_scores.float(),
-                causal_capacity=m.causal_capacity(idx.shape[1]),
-            ))
-        return report
+        outs = self(idx, routing="topk", return_routing=True).mod_layer_outputs
+        return [
+            dict(layer=depth, indices=o.routing.indices, slot_mask=o.routing.slot_mask,
+                 router_logits=o.routing.router_logits.float(), causal_scores=o.causal_scores.float(),
+                 causal_capacity=m.causal_capacity(idx.shape[1]))
+            for depth, m, o in zip(self.mod_layer_ids, self.mod_layers, outs)
+        ]
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Forward FLOPs per token at sequence length seq_len (default block_size), topk mode.
@@ -382,209 +498,34 @@ class MoDTransformer(nn.Module):
         return float(total)
 
     # ----------------------------------------------------------------------------------
-    # Sampling with a KV cache (mod_ext.decode)
+    # Sampling: thin conveniences over mod_ext.generation
     # ----------------------------------------------------------------------------------
 
-    def allocate_cache(
-        self, batch: int, max_len: Optional[int] = None, *, cache_capacity_factor: Optional[float] = None,
-        decode_capacity: Optional[int] = None, static: Optional[bool] = None,
-    ) -> MoDKVCache:
-        """A fixed-size KV cache for ``batch`` sequences of up to ``max_len`` columns
-        (a column is one token position of the left-padded batch).
+    def allocate_cache(self, batch: int, max_len: Optional[int] = None, **kwargs) -> "MoDKVCache":
+        """``mod_ext.generation.allocate_cache(self, batch, max_len, **kwargs)``: a
+        fixed-size KV cache for ``batch`` sequences (see there)."""
+        from . import generation
 
-        Dense layers hold (batch, max_len, n_head, head_size) keys and values; each MoD
-        layer holds only its routed tokens in a fixed number of cache slots per
-        sequence (see cache_capacity_factor; +1 scratch slot) and a fill count. The
-        cache lives on the model's device in the model's dtype (move/cast the model
-        first).
+        return generation.allocate_cache(self, batch, max_len, **kwargs)
 
-        Args:
-            batch: B, sequences decoded together.
-            max_len: columns (prompt + generated tokens, left padding included);
-                default and maximum ``block_size``.
-            cache_capacity_factor: MoD cache slots as a fraction of max_len, in (0, 1]:
-                ``capacity_for(max_len, cache_capacity_factor)`` slots, at most K =
-                ``capacity_for(block_size, capacity_factor)``, the most tokens the causal
-                routing rule ever routes (more could never be filled). Default: ``min(
-                max_len, K)`` slots, so the cache never fills before the rule does and
-                decoding matches a full recompute (at max_len = block_size that is about
-                capacity_factor of a dense layer's memory; a shorter max_len saves less
-                in proportion). A smaller factor saves memory but drops tokens the
-                recompute would route (counted in ``cache.overflow``).
-            decode_capacity: block slots per MoD layer in one decode step (an int in
-                [1, B]); default :func:`mod_ext.decode.default_decode_capacity`
-                (ceil(c*B) plus three binomial standard deviations of headroom).
-            static: which decode path the cache's steps take (the storage is fixed-size
-                either way). True = the static path: static-shaped, sync-free steps
-                (each MoD layer runs its block on decode_capacity rows, padding
-                included; needed for CUDA graphs and torch.compile). False = the dynamic
-                path, eager only: the block runs on the routed rows only and is skipped
-                when none is routed (same results; one host read of the routing decision
-                per MoD layer). Default: True on CUDA, False on the CPU.
+    def prefill(self, idx: Tensor, cache: "MoDKVCache", valid: Optional[Tensor] = None) -> Tensor:
+        """``mod_ext.generation.prefill(self, idx, cache, valid)``: run the prompt (B, T)
+        with causal routing, fill the cache; returns the last column's logits (B, V)."""
+        from . import generation
 
-        Raises:
-            ValueError: an argument out of range (the message names it).
-        """
-        return _decode.allocate_cache(self, batch, max_len, cache_capacity_factor=cache_capacity_factor,
-                                      decode_capacity=decode_capacity, static=static)
+        return generation.prefill(self, idx, cache, valid)
 
-    def prefill(self, idx: Tensor, cache: MoDKVCache, valid: Optional[Tensor] = None) -> Tensor:
-        """Run the prompt idx (B, T) int64 through the model with causal routing and fill
-        the cache (resetting it first); returns the last column's logits (B, V).
+    def decode_step(self, tokens: Tensor, cache: "MoDKVCache") -> Tensor:
+        """``mod_ext.generation.decode_step(self, tokens, cache)``: one token per
+        sequence, tokens (B,) int64 -> logits (B, V)."""
+        from . import generation
 
-        MoD layers route causally (as ``forward(routing="causal")``) and cache only the
-        routed tokens. ``valid`` (B, T) bool marks left-padded prompts (False...False
-        True...True per row); true positions count valid tokens only.
+        return generation.decode_step(self, tokens, cache)
 
-        Raises:
-            ValueError: shapes, batch or device that do not match the cache, T > max_len,
-                or a valid mask that is not left padding.
-        """
-        return _decode.prefill(self, idx, cache, valid)
+    def generate(self, idx: Tensor, max_new_tokens: int, *args, **kwargs):
+        """``mod_ext.generation.generate(self, idx, max_new_tokens, ...)``: sample
+        max_new_tokens tokens after idx (B, T); returns (B, T + max_new_tokens) int64
+        (and the KV cache with ``return_cache=True``; see there)."""
+        from . import generation
 
-    @torch.no_grad()
-    def decode_step(self, tokens: Tensor, cache: MoDKVCache) -> Tensor:
-        """Advance every sequence by one token: tokens (B,) int64 -> logits (B, V).
-
-        Dense layers append the token's key/value at the next column and attend to the
-        row's valid columns. At each MoD layer the B tokens are routed causally
-        (score > 0, cache not full, sequence active); the ``cache.decode_capacity``
-        highest-scoring of them run the block against their own cached routed tokens
-        and the rest are dropped and counted in ``cache.drops``. With a static cache
-        (``cache.static``, the default on CUDA) the step is static-shaped and free of
-        host syncs (CUDA-graph capturable; see ``generate(cuda_graph=True)``); with a
-        dynamic one (the CPU default) MoD layers run their block on the routed rows only.
-
-        To compile a step, compile this method (``torch.compile(model.decode_step,
-        fullgraph=True)``) on a static cache, or compile
-        ``mod_ext.decode.decode_step(model, tokens, cache)`` and add 1 to
-        ``cache.n_written`` after each call (the host-side column count this method checks).
-
-        Raises:
-            ValueError: tokens not (B,) int64 on the cache's device, token ids outside the
-                vocabulary (checked on the CPU only: on CUDA it would be a host sync), an
-                empty (not prefilled) cache, a full one (max_len columns written), or a
-                cache allocated for another model configuration, device or dtype.
-        """
-        _decode.check_decode_inputs(tokens, cache)
-        _decode.check_cache_matches(self, cache, "decode_step")
-        # Free on the CPU; on CUDA (and inside torch.compile) it would be a host sync.
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
-            _decode.check_token_ids(tokens, self.cfg.vocab_size, "decode_step", "tokens")
-        logits = _decode.decode_step(self, tokens, cache)
-        cache.n_written += 1
-        return logits
-
-    def clear_decode_graphs(self) -> None:
-        """Drop the CUDA graphs (and their caches) kept by ``generate(cuda_graph=True)``.
-        Call it after moving the model or replacing (not updating in place) parameters."""
-        self._decode_graphs.clear()
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        routing: str = "causal",
-        generator: Optional[torch.Generator] = None,
-        *,
-        valid: Optional[Tensor] = None,
-        stop_tokens: Optional[Sequence[int]] = None,
-        pad_token: Optional[int] = None,
-        use_cache: bool = True,
-        cuda_graph: bool = False,
-        max_len: Optional[int] = None,
-        decode_capacity: Optional[int] = None,
-        cache_capacity_factor: Optional[float] = None,
-        static: Optional[bool] = None,
-    ) -> Tensor:
-        """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
-
-        With ``use_cache=True`` (default) the prompt is prefilled into a
-        :class:`~mod_ext.decode.MoDKVCache` and every further token costs one
-        :meth:`decode_step` (MoD layers cache only their routed tokens; docs/MOD_SPEC.md
-        section 4); ``self.last_decode_cache`` keeps the cache (its ``drops`` count the
-        routed-but-dropped tokens per MoD layer, ``overflow`` those a full recompute
-        would not drop; None after a call without the cache). With ``use_cache=False``
-        the whole context (cropped to block_size) is recomputed for every token.
-
-        Args:
-            idx: (B, T) int64 prompts, left-padded when ``valid`` is given.
-            max_new_tokens: tokens to sample (an int >= 0).
-            temperature: 0 = greedy (argmax); else the softmax temperature (> 0; inf
-                samples uniformly among the allowed tokens).
-            top_k: sample among the top_k most likely tokens only.
-            routing: "causal" (default; the only choice with the cache) or "topk" (full
-                recompute only; not causal).
-            generator: torch.Generator for reproducible sampling.
-            valid: (B, T) bool, False for left padding (prompts of different lengths).
-            stop_tokens: a token id or ids that end a sequence (the stop token is kept);
-                later positions get pad_token (an id in the vocabulary; default: the
-                first stop token). A finished sequence stops routing.
-            use_cache: KV-cache decoding (True) or full recompute (False).
-            cuda_graph: capture the decode step in a CUDA graph once per (B, max_len,
-                decode_capacity, cache_capacity_factor, device, dtype) and replay it
-                (CUDA only; the graph and its cache are kept until
-                :meth:`clear_decode_graphs`).
-            max_len: cache columns (default block_size); needs T + max_new_tokens - 1 <= max_len.
-            decode_capacity, cache_capacity_factor, static: see :meth:`allocate_cache`
-                (cuda_graph=True always uses a static cache). max_len and these apply to
-                the cache only (ValueError with use_cache=False).
-
-        Raises:
-            ValueError: bad prompt / valid mask, token ids outside the vocabulary (idx,
-                stop_tokens, pad_token), a prompt + new tokens that do not fit the cache,
-                cuda_graph=True off CUDA, routing="topk" with the cache, cache options
-                without the cache, a negative or NaN temperature.
-        """
-        if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.int64:
-            raise ValueError(
-                f"generate: idx must be a (B, T) int64 prompt with T >= 1, got {idx.dtype} {tuple(idx.shape)}"
-            )
-        max_new_tokens = _decode.as_int(max_new_tokens, "max_new_tokens", 0)
-        if top_k is not None:
-            top_k = _decode.as_int(top_k, "top_k", 1)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-        if routing not in ("causal", "topk"):
-            raise ValueError(f"generate: routing must be 'causal' or 'topk', got {routing!r}")
-        _decode.check_token_ids(idx, self.cfg.vocab_size, "generate", "idx")
-        if valid is not None:
-            valid = _decode._check_valid_prompt(idx, valid, "generate")
-        if pad_token is not None and stop_tokens is None:
-            raise ValueError("generate: pad_token only fills the positions after a stop token; pass stop_tokens too")
-        stop_tokens, pad_token = _decode.normalize_stop_tokens(stop_tokens, pad_token, self.cfg.vocab_size)
-        self.last_decode_cache = None
-        if max_new_tokens == 0:
-            return idx.clone()
-        if use_cache:
-            if routing != "causal":
-                raise ValueError("generate: routing='topk' looks at future tokens and cannot use the KV cache; "
-                                 "pass use_cache=False")
-            return _decode.generate_cached(
-                self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                valid=valid, stop_tokens=stop_tokens, pad_token=pad_token, cuda_graph=cuda_graph,
-                max_len=max_len, decode_capacity=decode_capacity, cache_capacity_factor=cache_capacity_factor,
-                static=static,
-            )
-        cache_opts = dict(max_len=max_len, decode_capacity=decode_capacity,
-                          cache_capacity_factor=cache_capacity_factor, static=static)
-        given = [k for k, v in cache_opts.items() if v is not None]
-        if given:
-            raise ValueError(f"generate: {', '.join(given)}: cache options, valid only with use_cache=True")
-        if cuda_graph:
-            raise ValueError("generate: cuda_graph=True needs use_cache=True")
-        stops = None if stop_tokens is None else torch.tensor(stop_tokens, dtype=torch.int64, device=idx.device)
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.cfg.block_size:]
-            valid_cond = None if valid is None else valid[:, -self.cfg.block_size:]
-            logits, _ = self(idx_cond, routing=routing, valid=valid_cond)
-            nxt = _decode.sample_next(logits[:, -1, :], temperature, top_k, generator)  # (B,)
-            nxt = _decode.apply_stop_tokens(nxt, finished, stops, pad_token)
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            if valid is not None:
-                valid = torch.cat((valid, torch.ones_like(valid[:, :1])), dim=1)
-        return idx
+        return generation.generate(self, idx, max_new_tokens, *args, **kwargs)

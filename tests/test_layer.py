@@ -1,5 +1,8 @@
 """The MoD layer (mod_ext.layer) against a plain-PyTorch implementation of the whole
-layer, plus capacity_for, router_aux_loss, routing_metrics, MoDPredictor and MoDBlock."""
+layer, plus capacity_for, router_aux_loss, routing_metrics, MoDPredictor and MoDBlock:
+outputs and gradients across dtypes, no hidden in-place writes, activation
+checkpointing, deepcopy / state_dict, torch.compile (incl. dynamic=True) and
+torch.export, and the argument errors (each names the argument)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 import mod_ext
 from mod_ext import reference as R
@@ -19,7 +24,14 @@ from tests.helpers import (
     assert_routing_equal,
     dtype_id,
     gen,
+    requires_cuda,
 )
+
+try:
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+except ImportError:  # pragma: no cover - very old torch
+    aot_autograd = None
 
 T, F_ = True, False
 
@@ -47,7 +59,7 @@ def mod_block_ref(
         logits = logits + router_bias.to(acc).reshape(())
     if routing == "topk":
         idx, mask = R.topk_route_ref(logits.detach().float(), capacity, valid)
-    else:
+    else:  # causal
         src = logits if scores is None else scores
         idx, mask = R.threshold_route_ref(src.detach().float(), capacity, valid)
     z = logits.gather(1, idx)
@@ -107,14 +119,14 @@ LAYER_DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_valid", [False, True], ids=["no_valid", "valid"])
 @pytest.mark.parametrize("activation", ["sigmoid", "identity"])
-@pytest.mark.parametrize("routing", ["topk", "threshold", "threshold_scores"])
+@pytest.mark.parametrize("routing", ["topk", "causal", "causal_scores"])
 @pytest.mark.parametrize("dtype", LAYER_DTYPES, ids=dtype_id)
 def test_mod_block_matches_reference(dtype, routing, activation, use_valid, device):
     B, S, D, C = 3, 24, 16, 6
     x0, rw0, rb0, valid, gout, scores = _inputs(B, S, D, dtype, device, seed=5)
     valid = valid if use_valid else None
-    route = "threshold" if routing.startswith("threshold") else "topk"
-    sc = scores if routing == "threshold_scores" else None
+    route = "causal" if routing.startswith("causal") else "topk"
+    sc = scores if routing == "causal_scores" else None
     block = ToyBlock(D, dtype).to(device)
     block_ref = ToyBlock(D, dtype).to(device)
     block_ref.load_state_dict(block.state_dict())
@@ -145,7 +157,7 @@ def test_mod_block_matches_reference(dtype, routing, activation, use_valid, devi
     # padding slots have router weight 0; valid slots act(z)
     assert bool((r[~mask] == 0).all()), ctx
     if use_valid:
-        assert not bool(mask[1, 2:].any()) and bool(mask[1, :2].any() or route == "threshold"), ctx
+        assert not bool(mask[1, 2:].any()) and bool(mask[1, :2].any() or route == "causal"), ctx
 
     names = ["x", "router_weight", "router_bias"] + [n for n, _ in block.named_parameters()]
     for name, a, e in zip(names, grads, egrads):
@@ -409,21 +421,23 @@ def test_modblock_topk_mode(causal_router, device):
     x = torch.randn(B, S, D, device=device, requires_grad=True)
     valid = torch.ones(B, S, dtype=torch.bool, device=device)
     valid[1, 20:] = False
-    out = blk(x, valid=valid)
+    res = blk(x, valid=valid)
+    assert isinstance(res, mod_ext.MoDBlockOutput)
+    out, lo = res.output, res.routing
     assert out.shape == x.shape and out.dtype == x.dtype
-    lo = blk.last_output
-    assert lo.indices.shape == (B, 8)
+    assert lo.indices.shape == (B, 8) and lo.output is out
     # same as the functional layer with the module's router
     exp = mod_block_ref(
         x, blk.router_weight, blk._block_fn(None), capacity=8, router_bias=blk.router_bias, valid=valid
     )[0]
     assert_close(out, exp, "MoDBlock topk vs reference")
-    assert blk.aux_loss is not None and blk.aux_loss.shape == ()
+    assert res.aux_loss is not None and res.aux_loss.shape == ()
     if causal_router == "predictor":
         exp_aux = mod_ext.router_aux_loss(blk.predictor(x), lo.indices, valid)
     else:
         exp_aux = mod_ext.router_aux_loss(lo.router_logits, lo.indices, valid)
-    assert abs(float(blk.aux_loss.detach()) - float(exp_aux.detach())) < 1e-6
+    assert abs(float(res.aux_loss.detach()) - float(exp_aux.detach())) < 1e-6
+    assert torch.equal(res.causal_scores, blk.causal_scores(x).detach()) and not res.causal_scores.requires_grad
     # the LM loss reaches the router (through r * f) and the block, never the predictor
     out.square().sum().backward()
     assert blk.router_weight.grad is not None and float(blk.router_weight.grad.abs().sum()) > 0
@@ -431,7 +445,7 @@ def test_modblock_topk_mode(causal_router, device):
     assert float(blk.block.lin.weight.grad.abs().sum()) > 0
     if blk.predictor is not None:
         assert all(p.grad is None for p in blk.predictor.parameters())
-        blk.aux_loss.backward()
+        res.aux_loss.backward()
         assert all(p.grad is not None for p in blk.predictor.parameters())
 
 
@@ -446,11 +460,11 @@ def test_modblock_causal_mode_is_causal(causal_router, device):
     with torch.no_grad():
         blk.router_bias.fill_(0.3)  # make some router logits positive
     x = torch.randn(B, S, D, device=device)
-    out = blk(x, routing="causal")
-    assert blk.aux_loss is None
+    res = blk(x, routing="causal")
+    out, lo = res.output, res.routing
+    assert res.aux_loss is None
     C = blk.causal_capacity(S)
     assert C == mod_ext.capacity_for(S, 0.25) == 10
-    lo = blk.last_output
     routed = torch.zeros(B, S, dtype=torch.bool, device=device).scatter_(1, lo.indices, lo.slot_mask)
     assert int(routed.sum()) > 0, "nothing routed: the test would be vacuous"
     # scores are the causal score (> 0 routes), first come first served
@@ -460,14 +474,12 @@ def test_modblock_causal_mode_is_causal(causal_router, device):
     for t in (0, 7, 19, 33):
         x2 = x.clone()
         x2[:, t + 1 :] = torch.randn(B, S - t - 1, D, device=device) * 3
-        out2 = blk(x2, routing="causal")
-        lo2 = blk.last_output
+        out2, _, lo2, _ = blk(x2, routing="causal")
         routed2 = torch.zeros_like(routed).scatter_(1, lo2.indices, lo2.slot_mask)
         assert torch.equal(routed[:, : t + 1], routed2[:, : t + 1]), f"decision for tokens <= {t} changed"
         assert_close(out2[:, : t + 1], out[:, : t + 1], f"outputs of tokens <= {t}")
         # with max_seq_len fixed, a prefix alone routes its tokens the same way
-        out3 = blk(x[:, : t + 1], routing="causal")
-        lo3 = blk.last_output
+        out3, _, lo3, _ = blk(x[:, : t + 1], routing="causal")
         routed3 = torch.zeros(B, t + 1, dtype=torch.bool, device=device).scatter_(1, lo3.indices, lo3.slot_mask)
         assert torch.equal(routed[:, : t + 1], routed3), f"prefix of length {t + 1} routed differently"
         assert_close(out3, out[:, : t + 1], f"prefix outputs t={t}")
@@ -491,7 +503,7 @@ def test_modblock_block_returns_residual(device):
     b = mod_ext.MoDBlock(Residual(), D, capacity_factor=0.5, block_returns_residual=True).to(device)
     b.load_state_dict({k.replace("block.", "block.inner.", 1) if k.startswith("block.") else k: v for k, v in a.state_dict().items()})
     x = torch.randn(2, 12, D, device=device)
-    assert_close(b(x), a(x), "block_returns_residual", scale=2)
+    assert_close(b(x).output, a(x).output, "block_returns_residual", scale=2)
 
 
 def test_modblock_bad_options():
@@ -519,9 +531,9 @@ def test_modblock_causal_needs_max_seq_len():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_modblock_positions_and_last_scores(device):
+def test_modblock_positions_and_causal_scores(device):
     """positions (B, S) reach the block gathered at the routed indices (an offset
-    window, left padding), and last_scores holds the causal scores of the call."""
+    window, left padding), and causal_scores holds the causal scores of the call."""
     torch.manual_seed(3)
     B, S, D = 2, 16, 8
     seen = {}
@@ -535,12 +547,12 @@ def test_modblock_positions_and_last_scores(device):
     x = torch.randn(B, S, D, device=device)
     offset = torch.arange(S, device=device).expand(B, S) + torch.tensor([[100], [7]], device=device)
     for mode in ("topk", "causal"):
-        blk(x, routing=mode, positions=offset)
-        idx = blk.last_output.indices
+        res = blk(x, routing=mode, positions=offset)
+        idx = res.routing.indices
         assert torch.equal(seen["positions"], offset.gather(1, idx)), mode
-        assert torch.equal(blk.last_scores, blk.causal_scores(x).detach()), mode
-    blk(x)
-    assert torch.equal(seen["positions"], blk.last_output.indices)
+        assert torch.equal(res.causal_scores, blk.causal_scores(x).detach()), mode
+    res = blk(x)
+    assert torch.equal(seen["positions"], res.routing.indices)
     with pytest.raises(ValueError, match="positions"):
         blk(x, positions=offset[:, :-1])
 
@@ -568,3 +580,795 @@ def test_padding_slots_leave_tokens_bit_identical(grad, device):
     assert out.slot_mask[1].sum() == 2
     assert_bitwise_equal(out.output[1, 2:], x[1, 2:], "padding tokens")
     assert torch.isfinite(out.output[0]).all() and torch.isfinite(out.output[1, :2]).all()
+
+
+# --------------------------------------------------------------------------------------
+# No hidden in-place writes; inplace=True for inference
+# --------------------------------------------------------------------------------------
+
+
+def _tanh_block(xs, positions, slot_mask):
+    return torch.tanh(xs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_mod_block_never_modifies_x_by_default(mode, routing, device):
+    """Default inplace=False: the caller's x (and a view of a larger buffer) is unchanged
+    in every grad mode, and the result is the same in every mode, bit for bit."""
+    x, rw, rb, valid, _, _ = _inputs(3, 20, 8, torch.float32, device, seed=21)
+    big = torch.randn(3, 30, 8, device=device)
+    view = big[:, 5:25]  # a view of a larger buffer
+    view.copy_(x)
+    big_before, x_before = big.clone(), x.clone()
+    ref = mod_ext.mod_block(x.clone(), rw, _tanh_block, capacity=5, router_bias=rb, valid=valid, routing=routing)
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with ctx():
+        a = mod_ext.mod_block(x, rw, _tanh_block, capacity=5, router_bias=rb, valid=valid, routing=routing)
+        b = mod_ext.mod_block(view, rw, _tanh_block, capacity=5, router_bias=rb, valid=valid, routing=routing)
+    assert_bitwise_equal(x, x_before, f"{mode}: x")
+    assert_bitwise_equal(big, big_before, f"{mode}: the buffer behind the view")
+    assert a.output.data_ptr() != x.data_ptr() and b.output.data_ptr() != view.data_ptr()
+    assert_bitwise_equal(a.output, ref.output.detach(), f"{mode} vs grad mode")
+    assert_bitwise_equal(b.output, ref.output.detach(), f"{mode} view vs grad mode")
+    assert not torch.equal(a.output, x), "nothing was routed: the test would be vacuous"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_mod_block_inplace_true_updates_x(routing, device):
+    g = gen(11)
+    B, S, D = 3, 40, 8
+    x = torch.randn(B, S, D, generator=g).to(device)
+    w_r = torch.randn(D, generator=g).to(device)
+    lin = nn.Linear(D, D).to(device)
+
+    def block_fn(xs, pos, mask):
+        return torch.tanh(lin(xs))
+
+    ref = mod_ext.mod_block(x, w_r, block_fn, capacity=10, routing=routing)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            x2 = x.clone()
+            out = mod_ext.mod_block(x2, w_r, block_fn, capacity=10, routing=routing, inplace=True)
+            assert out.output is x2 and torch.equal(out.indices, ref.indices)
+            assert_bitwise_equal(x2, ref.output.detach(), f"{ctx.__name__} in-place vs out-of-place")
+    # Grad mode with anything requiring grad: a clear error, and x is left as it was.
+    x3 = x.clone()
+    with pytest.raises(ValueError, match="inplace=True is for inference only"):
+        mod_ext.mod_block(x3, w_r, block_fn, capacity=10, routing=routing, inplace=True)  # lin requires grad
+    assert_bitwise_equal(x3, x, "a rejected in-place call leaves x unchanged")
+    with pytest.raises(ValueError, match="inplace=True is for inference only"):
+        mod_ext.mod_block(x.clone().requires_grad_(), w_r, _tanh_block, capacity=10, inplace=True)
+    # Grad mode with nothing requiring grad is inference too.
+    x4 = x.clone()
+    out = mod_ext.mod_block(x4, w_r, _tanh_block, capacity=10, routing=routing, inplace=True)
+    assert out.output is x4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["topk", "causal"])
+def test_modblock_never_modifies_its_input(mode, device):
+    torch.manual_seed(4)
+    D = 8
+    blk = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, max_seq_len=16).to(device)
+    with torch.no_grad():
+        blk.router_bias.fill_(0.5)
+        blk.predictor.net[2].bias.fill_(0.5)
+    x = torch.randn(2, 16, D, device=device)
+    before = x.clone()
+    ref = blk(x, routing=mode).output.detach()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            out = blk(x, routing=mode).output
+        assert_bitwise_equal(x, before, f"{ctx.__name__}: MoDBlock modified its input")
+        assert_bitwise_equal(out, ref, f"{ctx.__name__} vs grad mode")
+    assert not torch.equal(ref, x)
+    with torch.no_grad():
+        x2 = x.clone()
+        out = blk(x2, routing=mode, inplace=True).output
+    assert out is x2 and torch.equal(x2, ref)
+
+
+# --------------------------------------------------------------------------------------
+# Module semantics: activation checkpointing, deepcopy, state_dict
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("causal_router", ["predictor", "router"])
+def test_modblock_activation_checkpointing(causal_router, use_reentrant):
+    """Checkpointed MoDBlock: the same output and gradients as without checkpointing
+    (a layer that wrote its no_grad forward into x would corrupt the reentrant recompute)."""
+    torch.manual_seed(5)
+    D = 8
+    blk = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, causal_router=causal_router)
+    upstream = nn.Linear(D, D)
+    x0 = torch.randn(2, 24, D)
+    gout = torch.randn(2, 24, D)
+
+    def run(checkpointed):
+        blk.zero_grad(set_to_none=True)
+        upstream.zero_grad(set_to_none=True)
+        xx = x0.clone().requires_grad_()
+        h = upstream(xx)  # a non-leaf input, as inside a model
+
+        def f(h):
+            out = blk(h)
+            return out.output, out.aux_loss
+
+        if checkpointed:
+            out, aux = torch.utils.checkpoint.checkpoint(f, h, use_reentrant=use_reentrant)
+        else:
+            out, aux = f(h)
+        ((out * gout).sum() + aux).backward()
+        grads = {n: p.grad.clone() for n, p in list(blk.named_parameters()) + list(upstream.named_parameters())
+                 if p.grad is not None}
+        return out.detach(), xx.grad.clone(), grads
+
+    e_out, e_gx, e_grads = run(False)
+    out, gx, grads = run(True)
+    assert_bitwise_equal(out, e_out, "checkpointed output")
+    assert_close(gx, e_gx, "checkpointed grad x")
+    assert set(grads) == set(e_grads)
+    for n in grads:
+        assert_close(grads[n], e_grads[n], f"checkpointed grad {n}")
+    assert float(e_grads["router_weight"].abs().sum()) > 0
+
+
+def test_modblock_deepcopy_and_state_dict_after_training_forward():
+    import copy
+
+    torch.manual_seed(6)
+    D = 8
+    blk = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, max_seq_len=16)
+    x = torch.randn(2, 16, D, requires_grad=True)
+    res = blk(x)
+    (res.output.sum() + res.aux_loss).backward()
+    twin = copy.deepcopy(blk)  # no non-leaf tensors are kept on the module
+    assert not any(isinstance(v, torch.Tensor) for v in vars(blk).values())
+    for mode in ("topk", "causal"):
+        assert_bitwise_equal(twin(x.detach(), routing=mode).output, blk(x.detach(), routing=mode).output, mode)
+    fresh = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, max_seq_len=16)
+    fresh.load_state_dict(blk.state_dict())
+    assert_bitwise_equal(fresh(x.detach()).output, blk(x.detach()).output, "state_dict round trip")
+    assert set(blk.state_dict()) == {"router_weight", "router_bias", "block.lin.weight", "block.lin.bias",
+                                     "predictor.net.0.weight", "predictor.net.0.bias", "predictor.net.2.weight",
+                                     "predictor.net.2.bias"}
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): no graph break, compiled == eager, no host sync
+# (MOD_SPEC section 2). Most tests use an AOTAutograd backend that records the forward
+# and backward graphs (the same Dynamo + AOTAutograd tracing the default backend does,
+# without Inductor's slow C++ compile on small CPU machines); one runs Inductor.
+# --------------------------------------------------------------------------------------
+
+# Ops that force a device->host sync or a data-dependent shape.
+SYNC_OPS = (
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "item",
+    "masked_scatter",
+    "index_put_with_bool",
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Recorder:
+    """An AOTAutograd backend that keeps the forward/backward graphs it is given."""
+
+    def __init__(self):
+        self.dynamo_graphs = 0
+        self.fw = []
+        self.bw = []
+
+        def fw_compiler(gm, example_inputs):
+            self.fw.append(gm)
+            return make_boxed_func(gm.forward)
+
+        def bw_compiler(gm, example_inputs):
+            self.bw.append(gm)
+            return make_boxed_func(gm.forward)
+
+        self._aot = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)
+
+    def __call__(self, gm, example_inputs):
+        self.dynamo_graphs += 1
+        return self._aot(gm, example_inputs)
+
+    @staticmethod
+    def targets(graphs):
+        return [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+    def check(self, forward_ops, backward_ops):
+        assert self.dynamo_graphs == 1, f"expected one Dynamo graph, got {self.dynamo_graphs}"
+        fw, bw = self.targets(self.fw), self.targets(self.bw)
+        for op in forward_ops:
+            assert any(op in t for t in fw), f"{op} not in the forward graph: {sorted(set(fw))}"
+        for op in backward_ops:
+            assert any(op in t for t in bw), f"{op} not in the backward graph: {sorted(set(bw))}"
+        for t in fw + bw:
+            name = t.split(".")[1] if t.startswith("aten.") else t
+            assert not any(name == s or name.startswith(s + ".") for s in SYNC_OPS), f"host-sync op {t} in the graph"
+        # Data-dependent shapes (boolean indexing, nonzero, ...) show up as unbacked
+        # symbols in the traced values; they need the data on the host.
+        for gm in self.fw + self.bw:
+            for n in gm.graph.nodes:
+                val = n.meta.get("val")
+                if val is not None and free_unbacked_symbols(val):
+                    raise AssertionError(f"data-dependent shape at {n.format_node()}")
+
+
+needs_aot = pytest.mark.skipif(aot_autograd is None, reason="this torch has no torch._dynamo.backends.common.aot_autograd")
+
+
+def _setup(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, S, D = 2, 32, 16
+    x = torch.randn(B, S, D, generator=g).to(dtype).to(device)
+    rw = (torch.randn(D, generator=g) / math.sqrt(D)).to(device)
+    rb = torch.tensor(0.2).to(device)
+    valid = (torch.rand(B, S, generator=g) < 0.8).to(device)
+    valid[1, 5:] = False  # fewer valid tokens than capacity: padding slots
+    scores = torch.randn(B, S, generator=g).to(device)
+    lin = nn.Linear(D, D).to(device).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_((torch.randn(D, D, generator=g) / math.sqrt(D)).to(dtype))
+        lin.bias.copy_((torch.randn(D, generator=g) * 0.1).to(dtype))
+    gout = torch.randn(B, S, D, generator=g).to(device)
+    return x, rw, rb, valid, scores, lin, gout
+
+
+def _make_fn(lin, routing, use_scores, S):
+    def block(xs, positions, slot_mask):
+        pos = positions.unsqueeze(-1).to(xs.dtype) / S
+        return torch.tanh(lin(xs)) * (1 + pos) * slot_mask.unsqueeze(-1).to(xs.dtype)
+
+    def fn(x, rw, rb, valid, scores):
+        res = mod_ext.mod_block(
+            x, rw, block, capacity=7, router_bias=rb, valid=valid, routing=routing,
+            scores=scores if use_scores else None,
+        )
+        return res.output, res.router_logits, res.indices, res.slot_mask
+
+    return fn
+
+
+def _run(fn, x, rw, rb, valid, scores, lin, gout):
+    x, rw, rb = (t.detach().clone().requires_grad_() for t in (x, rw, rb))
+    out, logits, idx, mask = fn(x, rw, rb, valid, scores)
+    params = (x, rw, rb, lin.weight, lin.bias)
+    grads = torch.autograd.grad((out.float() * gout).sum(), params)
+    return (out, logits, idx, mask), grads
+
+
+@needs_aot
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routing", ["topk", "causal", "causal_scores"])
+def test_compiled_mod_block_matches_eager(routing, device):
+    x, rw, rb, valid, scores, lin, gout = _setup(device)
+    route = "topk" if routing == "topk" else "causal"
+    fn = _make_fn(lin, route, routing == "causal_scores", x.shape[1])
+    rec = Recorder()
+    cfn = torch.compile(fn, fullgraph=True, backend=rec)  # fullgraph: a graph break raises
+    (e_out, e_logits, e_idx, e_mask), e_grads = _run(fn, x, rw, rb, valid, scores, lin, gout)
+    for _ in range(2):  # second call: the cached graph
+        (out, logits, idx, mask), grads = _run(cfn, x, rw, rb, valid, scores, lin, gout)
+        assert_routing_equal((idx, mask), (e_idx, e_mask), f"compiled {routing}")
+        assert_close(logits, e_logits, "compiled router_logits")
+        assert_close(out, e_out, "compiled output")
+        for name, a, e in zip(("x", "router_weight", "router_bias", "lin.weight", "lin.bias"), grads, e_grads):
+            assert_close(a, e, f"compiled grad {name}")
+    route_op = "mod_ext.topk_route" if route == "topk" else "mod_ext.threshold_route"
+    rec.check(
+        forward_ops=(route_op, "mod_ext.gather_tokens", "mod_ext.scatter_add_weighted"),
+        backward_ops=("mod_ext.gather_tokens_backward", "mod_ext.scatter_add_weighted_backward"),
+    )
+
+
+@needs_aot
+def test_compiled_mod_block_bf16():
+    x, rw, rb, valid, scores, lin, gout = _setup("cpu", torch.bfloat16, seed=1)
+    fn = _make_fn(lin, "topk", False, x.shape[1])
+    rec = Recorder()
+    cfn = torch.compile(fn, fullgraph=True, backend=rec)
+    (e_out, _, e_idx, e_mask), e_grads = _run(fn, x, rw, rb, valid, scores, lin, gout)
+    (out, _, idx, mask), grads = _run(cfn, x, rw, rb, valid, scores, lin, gout)
+    assert_routing_equal((idx, mask), (e_idx, e_mask), "compiled bf16")
+    assert_close(out, e_out, "compiled bf16 output")
+    for a, e in zip(grads, e_grads):
+        assert_close(a, e, "compiled bf16 grad", dtype=torch.bfloat16, scale=4)
+    rec.check((), ("mod_ext.scatter_add_weighted_backward",))
+
+
+def test_no_graph_breaks_explain():
+    x, rw, rb, valid, scores, lin, _ = _setup("cpu")
+    for routing in ("topk", "causal"):
+        torch._dynamo.reset()
+        fn = _make_fn(lin, routing, False, x.shape[1])
+        explanation = torch._dynamo.explain(fn)(x, rw, rb, valid, scores)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1, explanation
+
+
+def test_compiled_mod_block_inductor():
+    """The default backend end to end (forward and backward) on the CPU."""
+    x, rw, rb, valid, scores, lin, gout = _setup("cpu", seed=2)
+    fn = _make_fn(lin, "topk", False, x.shape[1])
+    cfn = torch.compile(fn, fullgraph=True)
+    (e_out, _, e_idx, e_mask), e_grads = _run(fn, x, rw, rb, valid, scores, lin, gout)
+    (out, _, idx, mask), grads = _run(cfn, x, rw, rb, valid, scores, lin, gout)
+    assert_routing_equal((idx, mask), (e_idx, e_mask), "inductor")
+    assert_close(out, e_out, "inductor output", scale=2)
+    for a, e in zip(grads, e_grads):
+        assert_close(a, e, "inductor grad", scale=4)
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, xs, positions, slot_mask):
+        return torch.tanh(self.lin(xs))
+
+
+@needs_aot
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["topk", "causal"])
+def test_compiled_modblock_module(mode, device):
+    torch.manual_seed(0)
+    D = 16
+    blk = mod_ext.MoDBlock(_Block(D), D, capacity_factor=0.25, max_seq_len=32).to(device)
+    blk.routing = mode
+    x = torch.randn(2, 32, D, device=device)
+    valid = torch.ones(2, 32, dtype=torch.bool, device=device)
+    valid[0, 20:] = False
+    rec = Recorder()
+    cblk = torch.compile(blk, fullgraph=True, backend=rec)
+
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        res = m(xx, valid=valid)
+        loss = res.output.square().sum()
+        if mode == "topk":
+            loss = loss + res.aux_loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in blk.named_parameters() if p.grad is not None}
+        return res.output.detach(), xx.grad, grads, res.aux_loss
+
+    e_out, e_gx, e_grads, e_aux = run(blk)
+    out, gx, grads, aux = run(cblk)
+    assert_close(out, e_out, f"compiled MoDBlock {mode}")
+    assert_close(gx, e_gx, f"compiled MoDBlock {mode} grad x")
+    assert set(grads) == set(e_grads), (sorted(grads), sorted(e_grads))
+    for n in grads:
+        assert_close(grads[n], e_grads[n], f"compiled MoDBlock {mode} grad {n}")
+    if mode == "topk":
+        assert aux is not None and abs(float(aux.detach()) - float(e_aux.detach())) < 1e-5
+        assert "router_weight" in grads and float(grads["router_weight"].abs().sum()) > 0
+    else:
+        assert aux is None
+    rec.check((), ("mod_ext.scatter_add_weighted_backward",))
+
+
+# --------------------------------------------------------------------------------------
+# CUDA: no host synchronisation, checked by the CUDA runtime
+# --------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("routing", ["topk", "causal", "causal_scores"])
+def test_cuda_mod_block_does_not_sync(routing):
+    x, rw, rb, valid, scores, lin, gout = _setup("cuda")
+    route = "topk" if routing == "topk" else "causal"
+    fn = _make_fn(lin, route, routing == "causal_scores", x.shape[1])
+    _run(fn, x, rw, rb, valid, scores, lin, gout)  # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    xx, rww, rbb = (t.detach().clone().requires_grad_() for t in (x, rw, rb))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _, _, _ = fn(xx, rww, rbb, valid, scores)
+        torch.autograd.grad((out.float() * gout).sum(), (xx, rww, rbb, lin.weight, lin.bias))
+        for op, args in (
+            (mod_ext.topk_route, (scores, 5, valid)),
+            (mod_ext.threshold_route, (scores, 5, valid)),
+        ):
+            op(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_cuda_modblock_does_not_sync():
+    torch.manual_seed(0)
+    D = 16
+    blk = mod_ext.MoDBlock(_Block(D), D, capacity_factor=0.25, max_seq_len=32).cuda()
+    x = torch.randn(2, 32, D, device="cuda", requires_grad=True)
+    for mode in ("topk", "causal", "topk"):
+        res = blk(x, routing=mode)
+        (res.output.sum() + (res.aux_loss if res.aux_loss is not None else 0)).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("topk", "causal"):
+            res = blk(x, routing=mode)
+            loss = res.output.sum() + (res.aux_loss if res.aux_loss is not None else 0)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@needs_aot
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto_dynamic", "dynamic"])
+def test_compiled_mod_block_varying_shapes(dynamic):
+    """New sequence lengths / batch sizes recompile (or run a dynamic graph) without a
+    graph break, and the capacity still follows capacity_for(S, c)."""
+    torch.manual_seed(0)
+    rw = torch.randn(8)
+
+    def fn(x, valid):
+        res = mod_ext.mod_block(x, rw, lambda xs, p, m: torch.tanh(xs), capacity_factor=0.25, valid=valid)
+        return res.output, res.indices
+
+    rec = Recorder()
+    cfn = torch.compile(fn, fullgraph=True, backend=rec, dynamic=dynamic)
+    for B, S in [(2, 32), (2, 48), (3, 5), (1, 1)]:
+        x = torch.randn(B, S, 8, requires_grad=True)
+        valid = torch.rand(B, S) < 0.7
+        out, idx = cfn(x, valid)
+        e_out, e_idx = fn(x, valid)
+        assert idx.shape == (B, mod_ext.capacity_for(S, 0.25))
+        assert torch.equal(idx, e_idx), (B, S)
+        assert_close(out, e_out, f"B={B} S={S}")
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        (e_gx,) = torch.autograd.grad(e_out.sum(), x)
+        assert_close(gx, e_gx, f"grad B={B} S={S}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_cuda_graph_capture_mod_block(routing):
+    """The forward captures in a CUDA graph (a host sync would fail the capture) and
+    replays to the eager result on new inputs."""
+    x, rw, rb, valid, scores, lin, _ = _setup("cuda")
+    fn = _make_fn(lin, routing, False, x.shape[1])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):
+            fn(x, rw, rb, valid, scores)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = fn(x, rw, rb, valid, scores)
+    new_x = torch.randn_like(x)
+    x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        expected = fn(new_x, rw, rb, valid, scores)
+    assert_routing_equal((static_out[2], static_out[3]), (expected[2], expected[3]), "graph replay routing")
+    assert_bitwise_equal(static_out[0], expected[0], "graph replay output")
+
+
+# --------------------------------------------------------------------------------------
+# Symbolic sizes: torch.compile(dynamic=True) and torch.export with a dynamic length
+# --------------------------------------------------------------------------------------
+
+
+def _ops_take_symint_capacity() -> bool:
+    """True once the routing ops' schemas take ``SymInt capacity`` (then a symbolic
+    capacity reaches the op without a guard on its value, so one graph serves all lengths)."""
+    ops = (torch.ops.mod_ext.topk_route.default, torch.ops.mod_ext.threshold_route.default)
+    return all(str(op._schema.arguments[1].type) == "SymInt" for op in ops)
+
+
+SYMINT_OPS = _ops_take_symint_capacity()
+NEEDS_SYMINT_SCHEMA = pytest.mark.xfail(
+    not SYMINT_OPS, strict=True,
+    reason="the routing ops' schema takes `int capacity`; a symbolic capacity is specialised (one graph per "
+           "length) until the SymInt schema lands (csrc/registration.cpp)")
+
+
+class CompileCounter:
+    """aot_eager backend that counts the graphs Dynamo compiles."""
+
+    def __init__(self):
+        self.frames = 0
+        self._aot = aot_autograd(fw_compiler=lambda gm, ex: make_boxed_func(gm.forward),
+                                 bw_compiler=lambda gm, ex: make_boxed_func(gm.forward)) if aot_autograd else None
+
+    def __call__(self, gm, example_inputs):
+        self.frames += 1
+        return self._aot(gm, example_inputs)
+
+
+def test_capacity_for_symbolic_sizes_match_concrete():
+    """capacity_for on a SymInt traces to the same value as on the int, for every length
+    (0.7 * 10 -> 7 included), without specialising on the length (lengths >= 2: PyTorch
+    always specialises sizes 0 and 1)."""
+    frames = []
+
+    def counter(gm, example_inputs):
+        frames.append(gm)
+        return gm
+
+    @torch.compile(dynamic=True, fullgraph=True, backend=counter)
+    def caps(x):
+        S = x.shape[1]
+        return (x.new_ones(mod_ext.capacity_for(S, 0.7)), x.new_ones(mod_ext.capacity_for(S, 0.125)),
+                x.new_ones(mod_ext.capacity_for(S, 1e-9)), x.new_ones(mod_ext.capacity_for(S, 3.5)))
+
+    for S in (10, 11, 3, 100, 9, 57, 2):
+        got = [t.numel() for t in caps(torch.zeros(2, S))]
+        want = [mod_ext.capacity_for(S, c) for c in (0.7, 0.125, 1e-9, 3.5)]
+        assert got == want, (S, got, want)
+    assert len(frames) == 1, f"recompiled per length: {len(frames)} graphs"
+    assert [t.numel() for t in caps(torch.zeros(2, 1))] == [1, 1, 1, 1]
+
+
+def _dyn_block():
+    torch.manual_seed(7)
+    D = 8
+    return mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, max_seq_len=64), D
+
+
+@needs_aot
+@pytest.mark.parametrize("mode", ["topk", "causal"])
+def test_compiled_dynamic_modblock_fwd_bwd_matches_eager(mode):
+    """torch.compile(dynamic=True) of a MoDBlock forward + backward over several sequence
+    lengths: no graph break, compiled == eager, capacity = capacity_for(S, c)."""
+    blk, D = _dyn_block()
+    counter = CompileCounter()
+    cblk = torch.compile(blk, dynamic=True, fullgraph=True, backend=counter)
+    for S in (16, 24, 40, 33, 64):
+        x = torch.randn(2, S, D)
+        outs = []
+        for m in (blk, cblk):
+            blk.zero_grad(set_to_none=True)
+            xx = x.clone().requires_grad_()
+            res = m(xx, routing=mode)
+            loss = res.output.square().sum() + (res.aux_loss if res.aux_loss is not None else 0)
+            loss.backward()
+            outs.append((res, xx.grad, blk.router_weight.grad.clone()))
+        (e, e_gx, e_gw), (c, gx, gw) = outs
+        C = mod_ext.capacity_for(S, 0.25) if mode == "topk" else blk.causal_capacity(S)
+        assert c.routing.indices.shape == (2, C)
+        assert torch.equal(c.routing.indices, e.routing.indices), S
+        assert_close(c.output, e.output, f"dynamic S={S}")
+        assert_close(gx, e_gx, f"dynamic grad x S={S}")
+        assert_close(gw, e_gw, f"dynamic grad router_weight S={S}")
+
+
+@needs_aot
+@NEEDS_SYMINT_SCHEMA
+def test_compiled_dynamic_modblock_no_recompile_per_length():
+    blk, D = _dyn_block()
+    counter = CompileCounter()
+    cblk = torch.compile(blk, dynamic=True, fullgraph=True, backend=counter)
+    for S in (16, 24, 40, 33):
+        cblk(torch.randn(2, S, D, requires_grad=True)).output.sum().backward()
+    assert counter.frames == 1, f"{counter.frames} graphs for 4 lengths"
+
+
+class _ExportWrapper(nn.Module):
+    def __init__(self, blk):
+        super().__init__()
+        self.blk = blk
+
+    def forward(self, x):
+        return self.blk(x, routing="topk").output
+
+
+@NEEDS_SYMINT_SCHEMA
+def test_export_with_dynamic_sequence_length():
+    """torch.export with a Dim for S: one exported program serves every length."""
+    blk, D = _dyn_block()
+    model = _ExportWrapper(blk).eval()
+    S = torch.export.Dim("S", min=2, max=64)
+    ep = torch.export.export(model, (torch.randn(2, 16, D),), dynamic_shapes={"x": {1: S}})
+    for n in (16, 23, 64):
+        x = torch.randn(2, n, D)
+        assert_close(ep.module()(x), model(x), f"exported S={n}")
+
+
+def test_export_with_static_sequence_length():
+    """torch.export at a fixed length works today (the capacity is a constant)."""
+    blk, D = _dyn_block()
+    model = _ExportWrapper(blk).eval()
+    x = torch.randn(2, 16, D)
+    ep = torch.export.export(model, (x,))
+    assert_close(ep.module()(x), model(x), "exported static")
+
+
+def test_capacity_for_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    for S, c, want in [(np.int64(10), 0.7, 7), (10, np.float64(0.7), 7), (np.int32(10), np.float32(0.7), 7),
+                       (np.int64(4096), np.float64(0.125), 512), (np.uint8(9), np.float16(0.125), 2)]:
+        got = mod_ext.capacity_for(S, c)
+        assert got == want == mod_ext.capacity_for(int(S), float(c)) and type(got) is int, (S, c, got)
+    with pytest.raises(ValueError, match="seq_len"):
+        mod_ext.capacity_for(np.float64(8.0), 0.5)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        mod_ext.capacity_for(8, np.bool_(True))
+
+
+# --------------------------------------------------------------------------------------
+# Errors: every bad input raises a clear error that names the argument
+# --------------------------------------------------------------------------------------
+
+
+@requires_cuda
+def test_mod_block_device_mismatch():
+    x = torch.randn(2, 8, 4, device="cuda")
+    with pytest.raises((RuntimeError, ValueError), match="valid"):
+        mod_ext.mod_block(x, torch.randn(4, device="cuda"), lambda a, p, m: a, capacity=2,
+                          valid=torch.ones(2, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mod_block_bad_args(device):
+    x = torch.randn(2, 8, 4, device=device)
+    rw = torch.randn(4, device=device)
+    with pytest.raises(ValueError, match="router_weight must have shape"):
+        mod_ext.mod_block(x, torch.randn(5, device=device), _tanh_block)
+    with pytest.raises(ValueError, match="router_weight must have shape"):
+        mod_ext.mod_block(x, torch.randn(4, 1, device=device), _tanh_block)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor of shape"):
+        mod_ext.mod_block(x[0], rw, _tanh_block)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor of shape"):
+        mod_ext.mod_block(x.long(), rw, _tanh_block)
+    with pytest.raises(ValueError, match="routing must be 'topk' or 'causal'"):
+        mod_ext.mod_block(x, rw, _tanh_block, routing="sample")
+    with pytest.raises(ValueError, match="routing='threshold' was renamed to routing='causal'"):
+        mod_ext.mod_block(x, rw, _tanh_block, routing="threshold")
+    with pytest.raises(ValueError, match="router_activation must be 'sigmoid' or 'identity'"):
+        mod_ext.mod_block(x, rw, _tanh_block, router_activation="softmax")
+    with pytest.raises(ValueError, match="scores are only used with routing='causal'"):
+        mod_ext.mod_block(x, rw, _tanh_block, scores=torch.randn(2, 8, device=device))
+    with pytest.raises(ValueError, match="scores must be a tensor of shape"):
+        mod_ext.mod_block(x, rw, _tanh_block, routing="causal", scores=torch.randn(2, 7, device=device))
+    with pytest.raises(ValueError, match="scores must be a tensor of shape"):
+        mod_ext.mod_block(x, rw, _tanh_block, routing="causal", scores=[[1.0] * 8] * 2)
+    with pytest.raises(ValueError, match="router_bias must be a scalar"):
+        mod_ext.mod_block(x, rw, _tanh_block, router_bias=torch.zeros(2, device=device))
+    for bad in ("a", [0.5], True):
+        with pytest.raises(ValueError, match="router_bias must be a scalar tensor or a real number"):
+            mod_ext.mod_block(x, rw, _tanh_block, router_bias=bad)
+    with pytest.raises(ValueError, match="valid must be a bool tensor of shape"):
+        mod_ext.mod_block(x, rw, _tanh_block, valid=torch.ones(2, 8, device=device))
+    with pytest.raises(ValueError, match="valid must be a bool tensor of shape"):
+        mod_ext.mod_block(x, rw, _tanh_block, valid=torch.ones(2, 7, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(B, S\) = \(2, 8\), got list"):
+        mod_ext.mod_block(x, rw, _tanh_block, valid=[[True] * 8] * 2)
+    with pytest.raises(RuntimeError, match="capacity"):
+        mod_ext.mod_block(x, rw, _tanh_block, capacity=9)
+    with pytest.raises(RuntimeError, match="capacity"):
+        mod_ext.mod_block(x, rw, _tanh_block, capacity=0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        mod_ext.mod_block(x, rw, _tanh_block, capacity_factor=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mod_block_block_fn_wrong_shape(device):
+    x = torch.randn(2, 8, 4, device=device)
+    rw = torch.randn(4, device=device)
+    for bad in (
+        lambda xs, p, m: xs[..., :3],
+        lambda xs, p, m: xs.sum(-1),
+        lambda xs, p, m: torch.zeros(2, 8, 4, device=device),  # full sequence instead of slots
+    ):
+        with pytest.raises(ValueError, match=r"block_fn must return the update of shape \(B, C, D\)"):
+            mod_ext.mod_block(x, rw, bad, capacity=3)
+
+
+def test_router_aux_loss_bad_args():
+    z = torch.randn(2, 8)
+    idx = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="router_logits must be"):
+        mod_ext.router_aux_loss(z[0], idx)
+    with pytest.raises(ValueError, match="indices must be"):
+        mod_ext.router_aux_loss(z, idx[:1])
+    with pytest.raises(ValueError, match="indices must be"):
+        mod_ext.router_aux_loss(z, idx[0])
+    with pytest.raises(ValueError, match="indices must be an int64"):
+        mod_ext.router_aux_loss(z, idx.int())
+    with pytest.raises(ValueError, match="valid must be a bool tensor of shape"):
+        mod_ext.router_aux_loss(z, idx, torch.ones(2, 7, dtype=torch.bool))
+    for bad in (8, -1, 100):
+        out_of_range = idx.clone()
+        out_of_range[1, 2] = bad
+        with pytest.raises(ValueError, match=r"router_aux_loss: indices must lie in \[0, S\) = \[0, 8\)"):
+            mod_ext.router_aux_loss(z, out_of_range)
+
+
+def test_routing_metrics_bad_args():
+    s = torch.randn(2, 8)
+    idx = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"routing_metrics: scores must be a floating-point tensor of shape \(B, S\)"):
+        mod_ext.routing_metrics(s[0], idx, 2)
+    with pytest.raises(ValueError, match="routing_metrics: scores"):
+        mod_ext.routing_metrics(s.long(), idx, 2)
+    with pytest.raises(ValueError, match="routing_metrics: indices must be"):
+        mod_ext.routing_metrics(s, idx[0], 2)
+    with pytest.raises(ValueError, match=r"routing_metrics: indices must lie in \[0, S\)"):
+        mod_ext.routing_metrics(s, idx + 8, 2)
+    with pytest.raises(ValueError, match="routing_metrics: valid"):
+        mod_ext.routing_metrics(s, idx, 2, valid=torch.ones(2, 8))
+
+
+def test_mod_block_argument_types():
+    x = torch.randn(2, 8, 4)
+    w = torch.randn(4)
+    f = lambda xs, p, m: xs  # noqa: E731
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        mod_ext.mod_block(x, w, f, capacity=2.5)
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        mod_ext.mod_block(x, w, f, capacity=True)
+    with pytest.raises(ValueError, match="block_fn must return the update"):
+        mod_ext.mod_block(x, w, lambda xs, p, m: (xs,))
+    with pytest.raises(ValueError, match="x and router_weight must be torch tensors"):
+        mod_ext.mod_block(x.numpy(), w, f)
+    # a plain number is a valid router bias and equals the tensor form
+    a = mod_ext.mod_block(x, w, f, router_bias=0.5, capacity=3)
+    b = mod_ext.mod_block(x, w, f, router_bias=torch.tensor(0.5), capacity=3)
+    assert torch.equal(a.output, b.output) and torch.equal(a.router_logits, b.router_logits)
+    for bad in (None, "0.5", True):
+        with pytest.raises(ValueError, match="capacity_factor"):
+            mod_ext.capacity_for(8, bad)
+    with pytest.raises(ValueError, match="seq_len"):
+        mod_ext.capacity_for(8.0, 0.5)
+    with pytest.raises(ValueError, match="seq_len"):
+        mod_ext.capacity_for(True, 0.5)
+
+
+def test_modblock_wrong_width_and_positions():
+    blk = mod_ext.MoDBlock(torch.nn.Identity(), 4)
+    with pytest.raises(ValueError, match="d_model = 4"):
+        blk(torch.randn(1, 8, 5))
+    with pytest.raises(ValueError, match="positions must be an int64"):
+        blk(torch.randn(1, 8, 4), positions=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="routing='threshold' was renamed"):
+        blk(torch.randn(1, 8, 4), routing="threshold")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(d_model=0), "d_model must be an int >= 1"),
+    (dict(d_model=-4), "d_model must be an int >= 1"),
+    (dict(d_model=4.0), "d_model must be an int >= 1"),
+    (dict(d_model=True), "d_model must be an int >= 1"),
+    (dict(max_seq_len=0), "max_seq_len must be an int >= 1 or None"),
+    (dict(max_seq_len=8.5), "max_seq_len must be an int >= 1 or None"),
+    (dict(predictor_hidden=0), "predictor_hidden must be an int >= 1 or None"),
+])
+def test_modblock_constructor_errors(kwargs, match):
+    args = dict(d_model=4)
+    args.update(kwargs)
+    d = args.pop("d_model")
+    with pytest.raises(ValueError, match=match):
+        mod_ext.MoDBlock(nn.Identity(), d, **args)
+
+
+def test_default_decode_capacity():
+    assert mod_ext.default_decode_capacity(64, 0.125) == 16
+    assert mod_ext.default_decode_capacity(8, 0.125) == 4
+    assert mod_ext.default_decode_capacity(1, 0.125) == 1
+    assert mod_ext.default_decode_capacity(3, 1.0) == 3
+    with pytest.raises(ValueError, match="batch"):
+        mod_ext.default_decode_capacity(0, 0.125)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        mod_ext.default_decode_capacity(4, 1.5)

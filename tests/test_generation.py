@@ -1,4 +1,4 @@
-"""KV-cache decoding (mod_ext.decode): the cache against a full recompute (the oracle),
+"""Sampling (mod_ext.generation): the KV cache against a full recompute (the oracle),
 skipped tokens never attended to, padding and dropping across the batch, cache memory,
 generate() options, errors, torch.compile and CUDA graphs.
 
@@ -13,7 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mod_ext.decode import default_decode_capacity
+from mod_ext import generation
+from mod_ext.generation import default_decode_capacity, sample_next
+from mod_ext.kv_cache import MoDLayerCache
 from mod_ext.models import ModelConfig, MoDTransformer, dense_config
 from tests.helpers import DEVICES, requires_cuda
 
@@ -51,15 +53,15 @@ def left_padded(lengths, seed=1, device="cpu"):
 def recompute_last_logits(model, seq):
     """Oracle: the sequence alone, full causal forward; logits of its last token (V,)."""
     with torch.no_grad():
-        logits, _ = model(seq[None], routing="causal")
+        logits = model(seq[None], routing="causal").logits
     return logits[0, -1]
 
 
 def routed_counts(model, seq):
     """Oracle: tokens of seq that each MoD layer routes in a full causal forward."""
     with torch.no_grad():
-        model(seq[None], routing="causal")
-    return [int(m.last_output.slot_mask.sum()) for m in model.mod_layers]
+        outs = model(seq[None], routing="causal", return_routing=True).mod_layer_outputs
+    return [int(o.routing.slot_mask.sum()) for o in outs]
 
 
 def assert_matches_recompute(model, logits, prompts, rtol=1e-4, atol=1e-4):
@@ -124,17 +126,17 @@ def test_dense_model_cache_matches_recompute(device):
     cache = model.allocate_cache(2)
     logits = greedy_decode(model, idx, valid, 10, cache)
     assert_matches_recompute(model, logits, prompts)
-    assert cache.drops.numel() == 0 and all(not lc.is_mod for lc in cache.layers)
+    assert cache.drops.numel() == 0 and not any(isinstance(lc, MoDLayerCache) for lc in cache.layers)
 
 
 def test_batched_recompute_with_left_padding_matches_single_sequences():
     model = make_model()
     idx, valid, prompts = left_padded([4, 12, 9])
     with torch.no_grad():
-        logits, _ = model(idx, routing="causal", valid=valid)
+        logits = model(idx, routing="causal", valid=valid).logits
     for b, p in enumerate(prompts):
         with torch.no_grad():
-            ref, _ = model(p[None], routing="causal")
+            ref = model(p[None], routing="causal").logits
         torch.testing.assert_close(logits[b, -len(p):], ref[0], rtol=1e-4, atol=1e-4)
 
 
@@ -151,7 +153,7 @@ def poison_unused_entries(cache):
     the scratch slot) and dense columns that hold no valid token (left padding and
     columns not written yet)."""
     for lc in cache.layers:
-        if lc.is_mod:
+        if isinstance(lc, MoDLayerCache):
             unused = torch.arange(lc.k.shape[1], device=lc.k.device)[None, :] >= lc.fill[:, None]  # (B, L)
         else:
             unused = ~cache.key_valid
@@ -290,8 +292,8 @@ def test_mod_layer_cache_is_a_fraction_of_a_dense_layer():
     model = make_model(block_size=256, capacity_factor=0.125)
     cache = model.allocate_cache(4)
     per_layer = cache.layer_bytes_per_seq()
-    dense = [n for n, lc in zip(per_layer, cache.layers) if not lc.is_mod]
-    mod = [n for n, lc in zip(per_layer, cache.layers) if lc.is_mod]
+    dense = [n for n, lc in zip(per_layer, cache.layers) if not isinstance(lc, MoDLayerCache)]
+    mod = [n for n, lc in zip(per_layer, cache.layers) if isinstance(lc, MoDLayerCache)]
     assert dense and mod
     assert max(mod) <= 0.3 * min(dense)
     assert cache.slots == 32 and cache.bytes_per_seq() == sum(per_layer)
@@ -370,7 +372,9 @@ def test_stop_tokens_end_sequences_and_stop_their_routing():
     # then on it routed nothing and dropped nothing, so its MoD caches hold what they held
     # after the first0 tokens before it were fed.
     first0 = int((free[0, 8:] == stop).nonzero()[0])
-    cache = model.last_decode_cache
+    out2, cache = model.generate(idx, 20, temperature=0, valid=valid, stop_tokens=[stop], pad_token=V - 1,
+                                 return_cache=True)
+    assert torch.equal(out2, out)
     assert not bool(cache.active[0])
     ref = model.allocate_cache(2)
     greedy_decode(model, idx, valid, first0, ref)
@@ -381,10 +385,15 @@ def test_stop_tokens_end_sequences_and_stop_their_routing():
 def test_generate_zero_new_tokens_returns_prompt():
     model = make_model()
     idx = torch.randint(0, V, (2, 5))
-    model.generate(idx, 2)
-    assert model.last_decode_cache is not None
-    assert torch.equal(model.generate(idx, 0), idx)
-    assert model.last_decode_cache is None  # no stale cache from an earlier call
+    tokens, cache = model.generate(idx, 2, return_cache=True)
+    assert tokens.shape == (2, 7) and isinstance(cache, generation.MoDKVCache) and cache.n_written == 6
+    out = model.generate(idx, 0)
+    assert torch.equal(out, idx) and out.data_ptr() != idx.data_ptr()  # a copy, never the caller's tensor
+    zero = model.generate(idx, 0, return_cache=True)
+    assert torch.equal(zero.tokens, idx) and zero.cache is None
+    assert model.generate(idx, 3, use_cache=False, return_cache=True).cache is None
+    # The model keeps nothing from a generate call (the cache is returned, not stashed).
+    assert not any(isinstance(v, generation.MoDKVCache) for v in vars(model).values())
 
 
 def test_generate_argument_forms():
@@ -528,13 +537,15 @@ def test_cuda_decode_step_does_not_sync():
 def test_cuda_graph_replay_equals_eager(dtype):
     model = make_model(device="cuda", dtype=dtype)
     idx, valid, _ = left_padded([5, 12, 1, 7], device="cuda")
-    eager = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2)
-    eager_drops = model.last_decode_cache.drops.clone()
-    graphed = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, cuda_graph=True)
+    eager, eager_cache = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, return_cache=True)
+    graphed, graph_cache = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, cuda_graph=True,
+                                          return_cache=True)
     assert torch.equal(graphed, eager)
-    assert torch.equal(model.last_decode_cache.drops, eager_drops)
+    assert torch.equal(graph_cache.drops, eager_cache.drops)
     again = model.generate(idx, 30, temperature=0, valid=valid, decode_capacity=2, cuda_graph=True)
-    assert torch.equal(again, eager) and len(model._decode_graphs) == 1  # captured once, replayed
+    assert torch.equal(again, eager) and len(generation._decode_graphs[model]) == 1  # captured once, replayed
+    generation.clear_decode_graphs(model)
+    assert model not in generation._decode_graphs
 
 
 # --------------------------------------------------------------------------------------
@@ -576,3 +587,44 @@ def test_property_static_equals_dynamic_and_recompute_without_overflow(case):
     assert (cs.drops >= cs.overflow).all() and (cs.overflow >= 0).all()
     if int(cs.overflow.sum()) == 0:
         assert_matches_recompute(model, ls, prompts, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# sample_next: top-k holds at every temperature
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), 1e30, 1e6, 1.0], ids=["inf", "1e30", "1e6", "1"])
+def test_top_k_holds_at_every_temperature(temperature):
+    """Only the top_k tokens can ever be sampled; at temperature inf (and, in effect,
+    huge finite ones) the draw is uniform among them."""
+    g = torch.Generator().manual_seed(0)
+    B, Vs, k, n = 4, 50, 5, 4000
+    logits = torch.randn(B, Vs, generator=g) * 3
+    logits[1, 7] = float("-inf")  # a forbidden token stays forbidden
+    top = torch.topk(logits, k, dim=-1).indices
+    draws = torch.stack([sample_next(logits, temperature, k, g) for _ in range(n)])  # (n, B)
+    for b in range(B):
+        seen = set(draws[:, b].tolist())
+        assert seen <= set(top[b].tolist()), f"row {b}: sampled {sorted(seen - set(top[b].tolist()))} outside the top-{k}"
+        if temperature >= 1e6:  # uniform among the top-k
+            counts = torch.bincount(draws[:, b], minlength=Vs)[top[b]].float()
+            assert counts.min() > 0.7 * n / k and counts.max() < 1.3 * n / k, counts
+
+
+def test_temperature_inf_without_top_k_is_uniform_over_allowed_tokens():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.tensor([[0.0, 5.0, float("-inf"), -5.0]])
+    draws = torch.stack([sample_next(logits, float("inf"), None, g) for _ in range(3000)])[:, 0]
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[2] == 0 and counts[[0, 1, 3]].min() > 800, counts
+
+
+def test_generation_leaves_no_state_on_the_model():
+    model = make_model()
+    before = set(vars(model))
+    idx, valid, _ = left_padded([3, 6])
+    model.generate(idx, 5, valid=valid, return_cache=True)
+    model.generate(idx, 3, valid=valid, use_cache=False)
+    assert set(vars(model)) == before
+    assert not hasattr(model, "last_decode_cache") and not hasattr(model, "_decode_graphs")
