@@ -179,7 +179,8 @@ class MoDLayerCache:
         return write
 
     def record_prefill(self, slot_mask: Tensor, wanted: Tensor) -> None:
-        """After a prefill: fill = routed tokens per sequence; count the drops.
+        """After a prefill (which starts the cache's sequences): fill = the routed tokens
+        per sequence, drops and overflow = the prompt's.
 
         Args:
             slot_mask: (B, C) bool, the prefill's routed slots.
@@ -187,8 +188,8 @@ class MoDLayerCache:
         """
         routed = slot_mask.long().sum(1)
         self.fill.copy_(routed)
-        self.drops += wanted - routed
-        self.overflow += wanted.clamp_max(self.causal_capacity) - routed  # the causal rule alone routes this many
+        self.drops.copy_(wanted - routed)
+        self.overflow.copy_(wanted.clamp_max(self.causal_capacity) - routed)  # the causal rule alone routes this many
 
     # ---------------------------------------------------------------- decode
 

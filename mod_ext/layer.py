@@ -406,6 +406,12 @@ def router_aux_loss(router_logits: Tensor, indices: Tensor, valid: Optional[Tens
             on the CPU in eager mode only: on CUDA it would be a host sync).
     """
     _check_targets("mod_ext.router_aux_loss", "router_logits", router_logits, indices, valid)
+    return _aux_bce(router_logits, indices, valid)
+
+
+def _aux_bce(router_logits: Tensor, indices: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """router_aux_loss without the argument checks (indices from the routing ops are
+    valid by construction; the checks would read the indices on the host)."""
     targets = topk_targets(router_logits, indices)
     bce = F.binary_cross_entropy_with_logits(router_logits, targets, reduction="none")
     return _masked_mean(bce, valid)
@@ -664,7 +670,7 @@ class MoDBlock(nn.Module):
             )
             # Trains causal routing: the predictor (stop-gradient) or the router itself.
             scores = pred if pred is not None else out.router_logits
-            aux = router_aux_loss(scores, out.indices, valid)
+            aux = _aux_bce(scores, out.indices, valid)
         else:
             out = mod_block(
                 x, self.router_weight, block_fn,
@@ -730,7 +736,6 @@ class MoDBlock(nn.Module):
         self._check_positions(positions, (B, T), where)
         C = min(self.causal_capacity(T), cache.limit)
         scores = self.causal_scores(x)  # (B, T)
-        cache.reset()
         out = mod_block(
             x, self.router_weight, self._block_fn(positions, cache.prefill_write), capacity=C,
             router_bias=self.router_bias, valid=valid, router_activation=self.router_activation,

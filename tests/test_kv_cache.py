@@ -278,3 +278,21 @@ def test_layer_cache_deepcopy_and_model_agnostic():
     with torch.no_grad():
         blk.prefill(torch.randn(2, 6, 8, dtype=torch.float64) + 5, cache)
     assert twin.k.data_ptr() != cache.k.data_ptr() and not torch.equal(twin.k, cache.k)
+
+
+def test_prefill_starts_the_sequences_and_a_rejected_one_changes_nothing():
+    blk = make_layer(bias=20.0)  # every token wants the layer; K = 6
+    cache = new_cache(blk, 2)
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    with torch.no_grad():
+        blk.prefill(x, cache)
+        assert cache.fill.tolist() == [6, 6] and cache.drops.tolist() == [4, 4]
+        blk.prefill(x[:, :3], cache)  # a new prompt: counts are this prompt's, not added
+        assert cache.fill.tolist() == [3, 3] and cache.drops.tolist() == [0, 0]
+        state = [t.clone() for t in (cache.k, cache.fill, cache.drops, cache.overflow)]
+        with pytest.raises(ValueError, match="valid must be a bool tensor"):
+            blk.prefill(x, cache, valid=torch.ones(2, 10))
+        with pytest.raises(ValueError, match="exceeds max_seq_len"):
+            blk.prefill(torch.randn(2, 25, 8, dtype=torch.float64), cache)
+    for a, b in zip(state, (cache.k, cache.fill, cache.drops, cache.overflow)):
+        assert torch.equal(a, b), "a rejected prefill changed the cache"
