@@ -245,11 +245,19 @@ class MoDLayerCache:
 class DenseLayerCache:
     """The KV cache of one dense layer: every column of B sequences of up to max_len columns.
 
+    Args:
+        batch: B (int >= 1); max_len: columns per sequence (int >= 1);
+        n_kv_heads, head_dim: the shape of one token's key (and value);
+        dtype, device: of the keys and values.
+
     Attributes:
         k, v: (B, max_len, n_kv_heads, head_dim); entry j holds column j.
 
     Which columns hold real tokens is kept by the caller (a (B, max_len) key mask shared
     by all dense layers), since it is the same for every dense layer.
+
+    Raises:
+        ValueError: an argument out of range (the message names it).
     """
 
     def __init__(

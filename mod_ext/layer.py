@@ -243,7 +243,7 @@ def _apply(x: Tensor, router_logits: Tensor, indices: Tensor, slot_mask: Tensor,
     """Router weights, gather, block, scatter: ``x' = x + r * f(x~)`` on the slots (B, C)."""
     logits_sel = router_logits.gather(1, indices)  # (B, C)
     r = torch.sigmoid(logits_sel) if router_activation == "sigmoid" else logits_sel
-    r = torch.where(slot_mask, r, torch.zeros_like(r))  # padding slots: router weight 0
+    r = torch.where(slot_mask, r, 0.0)  # padding slots: router weight 0
 
     x_sel = gather_tokens(x, indices)  # (B, C, D)
     f = block_fn(x_sel, indices, slot_mask)
@@ -256,7 +256,7 @@ def _apply(x: Tensor, router_logits: Tensor, indices: Tensor, slot_mask: Tensor,
     # A padding slot's update must change nothing, even if the block returned NaN/inf
     # there: with f = -0.0 and r = 0 the update is 0 * -0.0 = -0.0, and x + -0.0 == x
     # bit for bit for every x (including -0.0 and NaN).
-    f = torch.where(slot_mask.unsqueeze(-1), f.to(x.dtype), torch.full_like(x_sel, -0.0))
+    f = torch.where(slot_mask.unsqueeze(-1), f.to(x.dtype), -0.0)
     if inplace:  # inference: update the C routed rows of x, no copy of the hidden state
         _check_inplace(where, x, f, r)
         out = scatter_add_weighted_(x, f, indices, r)
