@@ -1,29 +1,36 @@
-// The one place that defines every mod_ext op schema.
+// The one place that defines every mod_ext op schema, and the Python module mod_ext._C.
 //
-// Backend files (routing_cpu.cpp, cuda/routing_cuda.cu) only add kernels with
-// TORCH_LIBRARY_IMPL; fake kernels and autograd are registered from Python in
-// mod_ext/ops.py with torch.library. Semantics: docs/MOD_SPEC.md and the
-// docstrings in mod_ext/ops.py.
-#include <Python.h>
-#include <torch/library.h>
+// Kernels live by op family and backend (csrc/cpu/{route,rows,router_logits}.cpp,
+// csrc/cuda/{route,rows,router_logits}.cu) and only add TORCH_LIBRARY_IMPL blocks;
+// autograd (and the in-place op's version counter) are registered in C++ in autograd.cpp;
+// fake kernels and vmap rules from Python in mod_ext/ops.py. Semantics: docs/MOD_SPEC.md
+// and the docstrings in mod_ext/ops.py.
+#include <torch/extension.h>  // torch/library.h + pybind11
 
-extern "C" {
-// `import mod_ext._C` loads this shared library, which runs the static
-// registrations below. The module itself is empty.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "mod_ext compiled ops (registered under torch.ops.mod_ext)", -1,
-      nullptr};
-  return PyModule_Create(&module_def);
+#include <ATen/Parallel.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "mod_ext/build_registry.h"
+#include "mod_ext_build_config.h"  // generated into the build tree by setup.py / CMake
+
+namespace mod_ext {
+
+FamilyList& built_families() {
+  static FamilyList families;  // function-local: safe from any static initializer
+  return families;
 }
-}
+
+}  // namespace mod_ext
 
 TORCH_LIBRARY(mod_ext, m) {
   // Expert-choice top-k over the sequence (MOD_SPEC sections 1-2).
-  m.def("topk_route(Tensor router_logits, int capacity, Tensor? valid=None)"
+  m.def("topk_route(Tensor router_logits, SymInt capacity, Tensor? valid=None)"
         " -> (Tensor indices, Tensor slot_mask)");
   // Causal first-come-first-served routing by score > 0 (MOD_SPEC section 3).
-  m.def("threshold_route(Tensor scores, int capacity, Tensor? valid=None)"
+  m.def("threshold_route(Tensor scores, SymInt capacity, Tensor? valid=None)"
         " -> (Tensor indices, Tensor slot_mask)");
   // out[b, j] = x[b, indices[b, j]]
   m.def("gather_tokens(Tensor x, Tensor indices) -> Tensor");
@@ -38,4 +45,59 @@ TORCH_LIBRARY(mod_ext, m) {
   // grad_weights[b, j] = <grad_output[b, indices[b, j]], y[b, j]>
   m.def("scatter_add_weighted_backward(Tensor grad_output, Tensor y, Tensor indices,"
         " Tensor weights) -> (Tensor grad_y, Tensor grad_weights)");
+  // z[b, s] = <x[b, s], weight> (+ bias), accumulated in float32 (float64 for float64 x),
+  // returned as float32 (float64): the router logits of MOD_SPEC section 1.1.
+  m.def("router_logits(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+}
+
+namespace {
+
+// Everything only the compiled side knows; mod_ext.build_info() adds the run-time facts.
+pybind11::dict build_info() {
+  namespace py = pybind11;
+  py::dict info;
+  info["torch_version_built"] = TORCH_VERSION;
+  info["build_system"] = MOD_EXT_BUILD_SYSTEM;
+  info["cpu_only_reason"] = MOD_EXT_CPU_ONLY_REASON;
+  info["cuda_arch_list_requested"] = MOD_EXT_CUDA_ARCH_LIST;
+  info["cuda_home"] = MOD_EXT_CUDA_HOME;
+#if defined(MOD_EXT_WITH_CUDA)
+  info["cuda_built"] = true;
+  info["cuda_archs_compiled"] = mod_ext::cuda_archs_compiled();
+  info["cuda_runtime_version_built"] = mod_ext::cuda_runtime_version_built();
+#else
+  info["cuda_built"] = false;
+  info["cuda_archs_compiled"] = py::none();
+  info["cuda_runtime_version_built"] = py::none();
+#endif
+#if defined(_OPENMP)
+  info["openmp"] = true;
+  info["openmp_version"] = static_cast<int>(_OPENMP);
+  info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = py::none();
+  info["openmp_max_threads"] = py::none();
+#endif
+  info["aten_num_threads"] = at::get_num_threads();
+  py::dict families;
+  for (const char* family : {"route", "rows", "router_logits"}) {
+    py::dict backends;
+    for (const char* backend : {"cpu", "cuda"}) backends[backend] = false;
+    families[family] = backends;
+  }
+  for (const auto& [family, backend] : mod_ext::built_families()) {
+    families[py::str(family)].cast<py::dict>()[py::str(backend)] = true;
+  }
+  info["families"] = families;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mod_ext compiled ops (registered under torch.ops.mod_ext when this module loads)";
+  m.def("build_info", &build_info,
+        "What this library was compiled with: torch version, CUDA architectures and runtime, "
+        "OpenMP, the kernel families per backend, and why it is CPU-only when it is.");
 }
