@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:
     from . import _C  # loading the library registers torch.ops.mod_ext.*
@@ -106,12 +107,16 @@ def build_info() -> dict:
 
 
 def _as_capacity(capacity, op: str):
-    """capacity as an int (Python or NumPy integer) or a SymInt; bool and float rejected."""
-    if isinstance(capacity, torch.SymInt):
+    """capacity as an int (Python or NumPy integer) or a SymInt; bool and float rejected.
+    Python ints and SymInts pass through untouched (converting a SymInt would specialise
+    it under torch.compile)."""
+    if isinstance(capacity, bool):
+        raise TypeError(f"mod_ext: {op}: capacity must be an int, got bool {capacity!r}")
+    if isinstance(capacity, (int, torch.SymInt)):
         return capacity
-    if isinstance(capacity, bool) or not hasattr(type(capacity), "__index__"):
+    if not hasattr(type(capacity), "__index__"):
         raise TypeError(f"mod_ext: {op}: capacity must be an int, got {type(capacity).__name__} {capacity!r}")
-    return operator.index(capacity)
+    return operator.index(capacity)  # NumPy integers
 
 
 # --------------------------------------------------------------------------------------
@@ -220,28 +225,40 @@ def threshold_route(
     return _ops.threshold_route.default(scores, capacity, valid)
 
 
-def _route_fake(logits, capacity, valid=None):
-    torch._check(logits.dim() == 2, lambda: f"mod_ext: router_logits must have shape (B, S), got {tuple(logits.shape)}")
-    S = logits.shape[1]
-    torch._check(capacity >= 1, lambda: f"mod_ext: capacity must satisfy 1 <= capacity <= S = {S}, got {capacity}")
-    torch._check(capacity <= S, lambda: f"mod_ext: capacity must satisfy 1 <= capacity <= S = {S}, got {capacity}")
-    if valid is not None:
-        torch._check(valid.dtype == torch.bool, lambda: f"mod_ext: valid must be a bool tensor of shape (B, S), got {valid.dtype}")
-        torch._check(valid.shape == logits.shape, lambda: f"mod_ext: valid must have shape (B, S) = {tuple(logits.shape)}, got {tuple(valid.shape)}")
-        # A meta `valid` beside real logits dispatches here (meta wins): refuse it.
-        torch._check(
-            valid.device == logits.device,
-            lambda: f"mod_ext: router_logits and valid must be on the same device, got {logits.device} and {valid.device}",
+def _route_fake_for(name: str):
+    """The fake kernel of a routing op whose logits argument is called ``name``."""
+
+    def fake(logits, capacity, valid=None):
+        torch._check(logits.dim() == 2, lambda: f"mod_ext: {name} must have shape (B, S), got {tuple(logits.shape)}")
+        S = logits.shape[1]
+        msg = lambda: f"mod_ext: capacity must satisfy 1 <= capacity <= S = {S}, got {capacity}"  # noqa: E731
+        if isinstance(capacity, torch.SymInt) or isinstance(S, torch.SymInt):
+            # Symbolic: raise only when the bound is known to fail; a guard here would
+            # constrain (or specialise) the sequence length. The kernel checks the
+            # concrete values at run time.
+            torch._check(not statically_known_true(capacity < 1), msg)
+            torch._check(not statically_known_true(capacity > S), msg)
+        else:
+            torch._check(1 <= capacity <= S, msg)
+        if valid is not None:
+            torch._check(valid.dtype == torch.bool,
+                         lambda: f"mod_ext: valid must be a bool tensor of shape (B, S), got {valid.dtype}")
+            torch._check(valid.shape == logits.shape,
+                         lambda: f"mod_ext: valid must have shape (B, S) = {tuple(logits.shape)}, got {tuple(valid.shape)}")
+            # A meta `valid` beside real logits (or the reverse) dispatches here: refuse it.
+            torch._check(valid.device == logits.device,
+                         lambda: f"mod_ext: {name} and valid must be on the same device, got {logits.device} and {valid.device}")
+        B = logits.shape[0]
+        return (
+            logits.new_empty((B, capacity), dtype=torch.int64),
+            logits.new_empty((B, capacity), dtype=torch.bool),
         )
-    B = logits.shape[0]
-    return (
-        logits.new_empty((B, capacity), dtype=torch.int64),
-        logits.new_empty((B, capacity), dtype=torch.bool),
-    )
+
+    return fake
 
 
-torch.library.register_fake("mod_ext::topk_route")(_route_fake)
-torch.library.register_fake("mod_ext::threshold_route")(_route_fake)
+torch.library.register_fake("mod_ext::topk_route")(_route_fake_for("router_logits"))
+torch.library.register_fake("mod_ext::threshold_route")(_route_fake_for("scores"))
 
 
 def _route_vmap(op):
@@ -458,8 +475,15 @@ def _router_logits_fake(x, weight, bias=None):
     torch._check(x.dtype.is_floating_point, lambda: f"mod_ext: x must be a floating-point tensor, got {x.dtype}")
     torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[2],
                  lambda: f"mod_ext: router_logits: weight must have shape (D,) = ({x.shape[2]},), got {tuple(weight.shape)}")
+    torch._check(weight.dtype.is_floating_point, lambda: f"mod_ext: weight must be a floating-point tensor, got {weight.dtype}")
+    # A meta weight / bias beside a real x (or the reverse) dispatches here: refuse it.
+    torch._check(weight.device == x.device,
+                 lambda: f"mod_ext: x and weight must be on the same device, got {x.device} and {weight.device}")
     if bias is not None:
         torch._check(bias.numel() == 1, lambda: f"mod_ext: router_logits: bias must be None or a tensor with one element, got shape {tuple(bias.shape)}")
+        torch._check(bias.dtype.is_floating_point, lambda: f"mod_ext: bias must be a floating-point tensor, got {bias.dtype}")
+        torch._check(bias.device == x.device,
+                     lambda: f"mod_ext: x and bias must be on the same device, got {x.device} and {bias.device}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(x.shape[:2], dtype=acc)
 
