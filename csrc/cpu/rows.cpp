@@ -511,7 +511,12 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cpu(
   const auto acc_type = is_double ? at::kDouble : at::kFloat;
   auto grad_w_acc = at::zeros({B, C}, weights.options().dtype(acc_type));
   if (B > 0 && C > 0 && D > 0) {
-    const auto g = grad_output.contiguous();
+    // Only the C routed rows of grad_output are read. A non-contiguous grad_output (e.g.
+    // the stride-0 gradient of .sum()) is not copied whole: its routed rows are gathered
+    // into a (B, C, D) buffer instead (an eighth of it at capacity 1/8).
+    const bool dense = grad_output.is_contiguous();
+    const auto g = dense ? grad_output
+                         : grad_output.gather(1, idx.unsqueeze(-1).expand({B, C, D})).contiguous();
     const auto yc = y.contiguous();
     const auto w = weights.to(acc_type).contiguous();
     const int64_t* ip = idx.data_ptr<int64_t>();
@@ -524,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cpu(
       acc* gwp = grad_w_acc.data_ptr<acc>();
       at::parallel_for(0, B * C, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* grow = gp + ((i / C) * S + ip[i]) * D;
+          const scalar_t* grow = dense ? gp + ((i / C) * S + ip[i]) * D : gp + i * D;
           gwp[i] = scale_and_dot_row(grow, yp + i * D, wp[i], gyp + i * D, D);
         }
       });
