@@ -399,6 +399,99 @@ def test_scatter_add_weighted_deterministic(device):
 # ======================================================================================
 
 
+# ======================================================================================
+# Incoming gradients with their own strides. The CPU backward kernels read grad_output
+# in place (no .contiguous() copy): stride 0 (the gradient of .sum(), broadcasts),
+# non-unit inner strides (transposed, sliced). Compared with the oracle's autograd.
+# ======================================================================================
+
+GRAD_LAYOUTS = ["contiguous", "sum", "expand_slots", "expand_inner", "transposed", "sliced_inner", "sliced_rows"]
+
+
+def _grad_like(shape, dtype, layout, g, device):
+    """A gradient of ``shape`` laid out as ``layout`` (values from ``g``)."""
+    B, R, D = shape
+    if layout == "contiguous":
+        return _data(shape, dtype, g).to(device)
+    if layout == "sum":  # what out.sum().backward() hands the op: all strides 0
+        return _data((), dtype, g).to(device).expand(shape)
+    if layout == "expand_slots":  # stride 0 over the rows, dense rows
+        return _data((B, 1, D), dtype, g).to(device).expand(shape)
+    if layout == "expand_inner":  # inner stride 0, arbitrary outer strides
+        return _data((B, R, 1), dtype, g).to(device).expand(shape)
+    if layout == "transposed":  # inner stride B * R
+        return _data((D, R, B), dtype, g).to(device).permute(2, 1, 0)
+    if layout == "sliced_inner":  # inner stride 2
+        return _data((B, R, 2 * D), dtype, g).to(device)[:, :, ::2]
+    if layout == "sliced_rows":  # dense rows, row stride 3 * D
+        return _data((B, 3 * R, D), dtype, g).to(device)[:, 1::3]
+    raise ValueError(layout)
+
+
+# (B, S, D, C): small; D > 256 (the kernels work in chunks of 256); and a grad_x / output
+# of >= 4 MiB in float32 / float64, which the CPU gather backward writes with
+# non-temporal stores.
+_GRAD_SHAPES = [(3, 11, 5, 4), (2, 9, 300, 5), (2, 2048, 288, 32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", DATA_DTYPES, ids=dtype_id)
+def test_gather_tokens_backward_strided_grad(dtype, layout, device):
+    g = gen(71)
+    for B, S, D, C in _GRAD_SHAPES:
+        for repeats in (False, True):
+            xv = _data((B, S, D), dtype, g)
+            if repeats:  # repeated positions accumulate in slot order
+                iv = torch.randint(0, max(1, S // 3), (B, C), generator=g)
+            else:
+                iv = rand_indices(B, S, C, g, ascending=False)
+            go = _grad_like((B, C, D), dtype, layout, g, device)
+            x = xv.to(device, copy=True).requires_grad_()
+            xr = xv.clone().requires_grad_()
+            (gx,) = torch.autograd.grad(mod_ext.gather_tokens(x, iv.to(device)), x, go)
+            (gxr,) = torch.autograd.grad(R.gather_tokens_ref(xr, iv), xr, go.cpu())
+            ctx = f"{layout} B={B} S={S} D={D} C={C} repeats={repeats}"
+            assert gx.is_contiguous(), ctx
+            # The same bits as with a contiguous copy of the gradient; the oracle's bits
+            # too without repeats (with repeats, a half-precision sum rounds differently).
+            dense = ops.gather_tokens_backward(go.contiguous(), iv.to(device), S)
+            assert_bitwise_equal(gx, dense, f"grad x vs contiguous grad {ctx}")
+            assert_bitwise_equal(ops.gather_tokens_backward(go, iv.to(device), S), dense, f"op {ctx}")
+            if repeats:
+                assert_close(gx, gxr, f"grad x {ctx}", scale=C)
+            else:
+                assert_bitwise_equal(gx, gxr, f"grad x {ctx}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", DATA_DTYPES, ids=dtype_id)
+def test_scatter_add_weighted_backward_strided_grad(dtype, layout, device):
+    g = gen(72)
+    for B, S, D, C in _GRAD_SHAPES:
+        xv, yv = _data((B, S, D), dtype, g), _data((B, C, D), dtype, g)
+        wv = torch.rand(B, C, generator=g).to(dtype)
+        iv = rand_indices(B, S, C, g, ascending=False)
+        go = _grad_like((B, S, D), dtype, layout, g, device)
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (xv, yv, wv)]
+        ref_leaves = [t.clone().requires_grad_() for t in (xv, yv, wv)]
+        gx, gy, gw = torch.autograd.grad(mod_ext.scatter_add_weighted(leaves[0], leaves[1], iv.to(device), leaves[2]),
+                                         leaves, go)
+        gxr, gyr, gwr = torch.autograd.grad(R.scatter_add_weighted_ref(ref_leaves[0], ref_leaves[1], iv, ref_leaves[2]),
+                                            ref_leaves, go.cpu())
+        ctx = f"{layout} B={B} S={S} D={D} C={C}"
+        assert_bitwise_equal(gx, gxr, f"grad x {ctx}")
+        assert_bitwise_equal(gy, gyr, f"grad y {ctx}")
+        tol_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else (
+            torch.float64 if dtype == torch.float64 else torch.float32)
+        scale = _dot_scale(go.detach().cpu(), iv, yv) if B else 1.0
+        assert_close(gw, gwr, f"grad weights {ctx}", dtype=tol_dtype, scale=scale)
+        gy2, gw2 = ops.scatter_add_weighted_backward(go, yv.to(device), iv.to(device), wv.to(device))
+        assert_bitwise_equal(gy2, gy, f"op grad y {ctx}")
+        assert_bitwise_equal(gw2, gw, f"op grad weights {ctx}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_gather_tokens(device):
     g = gen(51)

@@ -3,7 +3,8 @@
 // mod_ext/reference.py (the oracles the tests compare against).
 //
 // Every kernel is parallel over rows (at::parallel_for), works on contiguous copies of
-// its inputs, accumulates in float32 (float64 for double) and rounds once.
+// its inputs (the backward kernels read the incoming gradient with its own strides),
+// accumulates in float32 (float64 for double) and rounds once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -118,6 +119,25 @@ inline void copy_bytes(void* dst, const void* src, size_t n, bool stream) {
   std::memcpy(dst, src, n);
 }
 
+// memset(dst, 0, n); with `stream` (x86-64) through non-temporal stores, as copy_bytes.
+inline void zero_bytes(void* dst, size_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    char* d = static_cast<char*>(dst);
+    const size_t head = std::min(n, static_cast<size_t>(-reinterpret_cast<uintptr_t>(d) & 15));
+    std::memset(d, 0, head);
+    d += head, n -= head;
+    const __m128i z = _mm_setzero_si128();
+    for (; n >= 64; n -= 64, d += 64) {
+      for (int k = 0; k < 64; k += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), z);
+    }
+    std::memset(d, 0, n);
+    return;
+  }
+#endif
+  std::memset(dst, 0, n);
+}
+
 // Orders this thread's non-temporal stores before whatever follows.
 inline void stream_fence() {
 #if defined(__SSE2__)
@@ -212,6 +232,28 @@ inline const acc_t<T>* load_acc(const T* src, acc_t<T>* buf, int64_t n) {
   }
 }
 
+// n values src[0], src[stride], ... in acc precision: the row itself when it is dense
+// and stored as acc, else gathered (and converted) into `buf`. Lets the backward kernels
+// read an incoming gradient with its own strides (the stride-0 gradient of .sum(), a
+// transposed one) instead of copying it into a contiguous tensor first.
+template <typename T>
+inline const acc_t<T>* load_acc_strided(const T* src, int64_t stride, acc_t<T>* buf, int64_t n) {
+  if (stride == 1) return load_acc(src, buf, n);
+  if (stride == 0) {
+    std::fill(buf, buf + n, static_cast<acc_t<T>>(*src));
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t<T>>(src[i * stride]);
+  }
+  return buf;
+}
+
+// The element strides of a (B, R, D) tensor, read by the backward kernels in place.
+struct RowStrides {
+  int64_t b, r, d;
+  explicit RowStrides(const at::Tensor& t) : b(t.stride(0)), r(t.stride(1)), d(t.stride(2)) {}
+  int64_t row(int64_t bi, int64_t ri) const { return bi * b + ri * r; }
+};
+
 // Where to compute n results for `dst`: dst itself when it is stored as acc and not
 // streamed, else `buf`; then store_acc moves them to dst (converted, or streamed).
 template <typename T>
@@ -253,21 +295,24 @@ inline void memory_barrier(const void* p) {
 // dst = round(base + src) in acc precision, base = +0 (kOnZero: the first gradient row
 // landing on a position, exactly as the reference's zeros().scatter_add_() computes it,
 // so -0.0 becomes +0.0) or the current dst (accumulate a repeated position).
+// `src` is read with element stride `src_stride` (1: a dense row).
+// With `stream` (kOnZero only) dst is written with non-temporal stores.
 template <bool kOnZero, typename scalar_t>
-void add_row(const scalar_t* src, scalar_t* dst, int64_t D) {
+void add_row(const scalar_t* src, int64_t src_stride, scalar_t* dst, int64_t D,
+             bool stream = false) {
   using acc = acc_t<scalar_t>;
   acc sbuf[kChunk], dbuf[kChunk];
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     const int64_t n = std::min(kChunk, D - d0);
-    const acc* s = load_acc(src + d0, sbuf, n);
-    acc* o = acc_target(dst + d0, dbuf);
+    const acc* s = load_acc_strided(src + d0 * src_stride, src_stride, sbuf, n);
+    acc* o = acc_target(dst + d0, dbuf, kOnZero && stream);
     if constexpr (kOnZero) {
       for (int64_t d = 0; d < n; ++d) o[d] = acc(0) + s[d];
     } else {
       const acc* old = load_acc(dst + d0, dbuf, n);
       for (int64_t d = 0; d < n; ++d) o[d] = old[d] + s[d];
     }
-    store_acc(o, dst + d0, n);
+    store_acc(o, dst + d0, n, kOnZero && stream);
   }
 }
 
@@ -297,16 +342,17 @@ void weighted_add_row(const scalar_t* x, const scalar_t* y, acc_t<scalar_t> w, s
 // grad_y = round(w * g) and returns <g, y> in acc precision. The dot product keeps
 // kLanes independent partial sums so it vectorizes (its order differs from a serial
 // sum; the weight gradient is compared with a tolerance).
+// `g` is read with element stride `g_stride` (1: a dense row).
 template <typename scalar_t>
-acc_t<scalar_t> scale_and_dot_row(const scalar_t* g, const scalar_t* y, acc_t<scalar_t> w,
-                                  scalar_t* grad_y, int64_t D) {
+acc_t<scalar_t> scale_and_dot_row(const scalar_t* g, int64_t g_stride, const scalar_t* y,
+                                  acc_t<scalar_t> w, scalar_t* grad_y, int64_t D) {
   using acc = acc_t<scalar_t>;
   constexpr int64_t kLanes = 16;
   acc gbuf[kChunk], ybuf[kChunk], obuf[kChunk];
   acc part[kLanes] = {};
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     const int64_t n = std::min(kChunk, D - d0);
-    const acc* gv = load_acc(g + d0, gbuf, n);
+    const acc* gv = load_acc_strided(g + d0 * g_stride, g_stride, gbuf, n);
     const acc* yv = load_acc(y + d0, ybuf, n);
     acc* o = acc_target(grad_y + d0, obuf);
     for (int64_t d = 0; d < n; ++d) o[d] = w * gv[d];
@@ -367,23 +413,44 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
   std::vector<uint8_t> has_repeats;
   const auto slot = build_slot_map("gather_tokens_backward", idx, S, /*unique=*/false, &has_repeats);
   const bool any_repeats = std::find(has_repeats.begin(), has_repeats.end(), 1) != has_repeats.end();
-  const auto g = grad_output.contiguous();
+  // grad_output is read with its own strides (no contiguous copy): .sum().backward()
+  // hands a stride-0 expanded gradient, other callers transposed or sliced ones.
+  const RowStrides gs(grad_output);
   const int64_t* ip = idx.data_ptr<int64_t>();
-  MOD_EXT_DISPATCH_DATA_TYPES(g.scalar_type(), "gather_tokens_backward_cpu", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
+  MOD_EXT_DISPATCH_DATA_TYPES(grad_output.scalar_type(), "gather_tokens_backward_cpu", [&] {
+    const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
     scalar_t* op = grad_x.data_ptr<scalar_t>();
     // Every row of grad_x: zeros, or 0 + its first slot's gradient.
-    at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
-      const int64_t block = std::max<int64_t>(1, 65536 / (D * sizeof(scalar_t)));
-      for (int64_t r0 = begin; r0 < end; r0 += block) {
-        const int64_t r1 = std::min(end, r0 + block);
-        std::memset(op + r0 * D, 0, (r1 - r0) * D * sizeof(scalar_t));
-        for (int64_t r = r0; r < r1; ++r) {
+    if (grad_x.nbytes() >= kStreamBytes) {
+      // A large grad_x is written once, row by row, with non-temporal stores: runs of
+      // zero rows, and 0 + the first slot's gradient for a routed row.
+      at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end;) {
           const int64_t j = slot[r];
-          if (j >= 0) add_row</*kOnZero=*/true>(gp + ((r / S) * C + j) * D, op + r * D, D);
+          if (j < 0) {
+            const int64_t e = unrouted_run_end(slot.data(), r, end);
+            zero_bytes(op + r * D, (e - r) * D * sizeof(scalar_t), /*stream=*/true);
+            r = e;
+          } else {
+            add_row</*kOnZero=*/true>(gp + gs.row(r / S, j), gs.d, op + r * D, D, /*stream=*/true);
+            ++r;
+          }
         }
-      }
-    });
+        stream_fence();
+      });
+    } else {
+      at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+        const int64_t block = std::max<int64_t>(1, 65536 / (D * sizeof(scalar_t)));
+        for (int64_t r0 = begin; r0 < end; r0 += block) {
+          const int64_t r1 = std::min(end, r0 + block);
+          std::memset(op + r0 * D, 0, (r1 - r0) * D * sizeof(scalar_t));
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t j = slot[r];
+            if (j >= 0) add_row</*kOnZero=*/true>(gp + gs.row(r / S, j), gs.d, op + r * D, D);
+          }
+        }
+      });
+    }
     // Rows with repeated positions: add the later slots, in slot order.
     if (any_repeats) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -391,7 +458,9 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
           if (!has_repeats[b]) continue;
           for (int64_t j = 0; j < C; ++j) {
             const int64_t s = ip[b * C + j];
-            if (slot[b * S + s] != j) add_row</*kOnZero=*/false>(gp + (b * C + j) * D, op + (b * S + s) * D, D);
+            if (slot[b * S + s] != j) {
+              add_row</*kOnZero=*/false>(gp + gs.row(b, j), gs.d, op + (b * S + s) * D, D);
+            }
           }
         }
       });
@@ -511,26 +580,23 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cpu(
   const auto acc_type = is_double ? at::kDouble : at::kFloat;
   auto grad_w_acc = at::zeros({B, C}, weights.options().dtype(acc_type));
   if (B > 0 && C > 0 && D > 0) {
-    // Only the C routed rows of grad_output are read. A non-contiguous grad_output (e.g.
-    // the stride-0 gradient of .sum()) is not copied whole: its routed rows are gathered
-    // into a (B, C, D) buffer instead (an eighth of it at capacity 1/8).
-    const bool dense = grad_output.is_contiguous();
-    const auto g = dense ? grad_output
-                         : grad_output.gather(1, idx.unsqueeze(-1).expand({B, C, D})).contiguous();
+    // Only the C routed rows of grad_output are read, with its own strides: the
+    // stride-0 gradient of .sum() or a transposed one is not copied.
+    const RowStrides gs(grad_output);
     const auto yc = y.contiguous();
     const auto w = weights.to(acc_type).contiguous();
     const int64_t* ip = idx.data_ptr<int64_t>();
     MOD_EXT_DISPATCH_DATA_TYPES(y.scalar_type(), "scatter_add_weighted_backward_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
       const scalar_t* yp = yc.data_ptr<scalar_t>();
       const acc* wp = w.data_ptr<acc>();
       scalar_t* gyp = grad_y.data_ptr<scalar_t>();
       acc* gwp = grad_w_acc.data_ptr<acc>();
       at::parallel_for(0, B * C, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* grow = dense ? gp + ((i / C) * S + ip[i]) * D : gp + i * D;
-          gwp[i] = scale_and_dot_row(grow, yp + i * D, wp[i], gyp + i * D, D);
+          const scalar_t* grow = gp + gs.row(i / C, ip[i]);
+          gwp[i] = scale_and_dot_row(grow, gs.d, yp + i * D, wp[i], gyp + i * D, D);
         }
       });
     });
