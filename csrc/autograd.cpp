@@ -66,6 +66,26 @@ Tensor router_logits(const Tensor& x, const Tensor& weight, const std::optional<
   return op.call(x, weight, bias);
 }
 
+// The backward formulas call mod_ext ops through the dispatcher. With grad mode off
+// inside backward (a plain .backward(), no create_graph) no graph of the gradient is
+// recorded, so the call goes straight below the autograd keys: this skips the autograd
+// kernel, which would otherwise build (and throw away) a Function node per call.
+struct BelowAutogradUnlessGradMode {
+  std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+  BelowAutogradUnlessGradMode() {
+    if (!at::GradMode::is_enabled()) guard.emplace();
+  }
+};
+
+// True when the call records nothing for autograd: grad mode off, or no input that
+// requires grad (nor a forward-mode tangent, so forward AD still reaches Function::apply
+// and its "jvp is not implemented" error instead of dropping the tangent).
+template <typename... Ts>
+bool no_autograd_needed(const Ts&... ts) {
+  if (!at::GradMode::is_enabled()) return !(... || (ts._fw_grad(/*level=*/0).defined()));
+  return !(... || (ts.requires_grad() || ts._fw_grad(/*level=*/0).defined()));
+}
+
 at::ScalarType acc_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -84,6 +104,7 @@ struct GatherTokens : torch::autograd::Function<GatherTokens> {
     Tensor grad_x;
     if (ctx->needs_input_grad(0)) {
       const auto saved = ctx->get_saved_variables();
+      BelowAutogradUnlessGradMode below;
       grad_x = gather_tokens_backward(grads[0], saved[0], ctx->saved_data["seq_len"].toSymInt());
     }
     return {grad_x, Tensor()};
@@ -101,7 +122,10 @@ struct GatherTokensBackward : torch::autograd::Function<GatherTokensBackward> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     Tensor grad_grad;
-    if (ctx->needs_input_grad(0)) grad_grad = gather_tokens(grads[0], ctx->get_saved_variables()[0]);
+    if (ctx->needs_input_grad(0)) {
+      BelowAutogradUnlessGradMode below;
+      grad_grad = gather_tokens(grads[0], ctx->get_saved_variables()[0]);
+    }
     return {grad_grad, Tensor(), Tensor()};
   }
 };
@@ -124,6 +148,7 @@ struct ScatterAddWeighted : torch::autograd::Function<ScatterAddWeighted> {
     Tensor grad_y, grad_w;
     if (need_y || need_w) {
       const auto saved = ctx->get_saved_variables();
+      BelowAutogradUnlessGradMode below;
       auto [gy, gw] = scatter_add_weighted_backward(g, saved[0], saved[1], saved[2]);
       if (need_y) grad_y = std::move(gy);
       if (need_w) grad_w = std::move(gw);
@@ -233,21 +258,39 @@ struct RouterLogits : torch::autograd::Function<RouterLogits> {
   }
 };
 
+// Each autograd kernel goes straight below autograd when nothing would be recorded
+// (Function::apply builds a node even then, ~1 us).
 Tensor gather_tokens_autograd(const Tensor& x, const Tensor& indices) {
+  if (no_autograd_needed(x)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gather_tokens(x, indices);
+  }
   return GatherTokens::apply(x, indices);
 }
 Tensor gather_tokens_backward_autograd(const Tensor& grad, const Tensor& indices,
                                        c10::SymInt seq_len) {
+  if (no_autograd_needed(grad)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gather_tokens_backward(grad, indices, std::move(seq_len));
+  }
   return GatherTokensBackward::apply(grad, indices, std::move(seq_len));
 }
 Tensor scatter_add_weighted_autograd(const Tensor& x, const Tensor& y, const Tensor& indices,
                                      const Tensor& weights) {
+  if (no_autograd_needed(x, y, weights)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return scatter_add_weighted(x, y, indices, weights);
+  }
   return ScatterAddWeighted::apply(x, y, indices, weights);
 }
 std::tuple<Tensor, Tensor> scatter_add_weighted_backward_autograd(const Tensor& g,
                                                                   const Tensor& y,
                                                                   const Tensor& indices,
                                                                   const Tensor& w) {
+  if (no_autograd_needed(g, y, w)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return scatter_add_weighted_backward(g, y, indices, w);
+  }
   auto out = ScatterAddWeightedBackward::apply(g, y, indices, w);
   return {out[0], out[1]};
 }
