@@ -1201,3 +1201,176 @@ def test_cuda_rows_match_cpu_kernels():
             mod_ext.scatter_add_weighted(x, y, idx, w),
             "scatter",
         )
+
+
+# ======================================================================================
+# The eager fast path: mod_ext.gather_tokens / scatter_add_weighted(_) call the typed
+# operator handle from mod_ext._C, except while dynamo traces and when __torch_function__
+# (a subclass or a TorchFunctionMode) is involved, where torch.ops.mod_ext.*.default is
+# called so those see the op.
+# ======================================================================================
+
+_FAST = {
+    "gather_tokens": "_fast_gather_tokens",
+    "scatter_add_weighted": "_fast_scatter_add_weighted",
+    "scatter_add_weighted_": "_fast_scatter_add_weighted_",
+}
+
+
+def _rows_args(op, dtype=torch.float32, requires_grad=False):
+    g = gen(81)
+    B, S, D, C = 2, 9, 6, 4
+    x = _data((B, S, D), dtype, g)
+    idx = rand_indices(B, S, C, g, ascending=False)
+    if op == "gather_tokens":
+        return [x.requires_grad_(requires_grad), idx]
+    y, w = _data((B, C, D), dtype, g), torch.rand(B, C, generator=g).to(dtype)
+    if op == "scatter_add_weighted":
+        return [x.requires_grad_(requires_grad), y.requires_grad_(requires_grad), idx, w.requires_grad_(requires_grad)]
+    return [x, y, idx, w]
+
+
+def _call(op, args):
+    return getattr(mod_ext, op)(*args)
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the calls of each fast entry point."""
+    counts = {op: 0 for op in _FAST}
+    for op, attr in _FAST.items():
+        real = getattr(mod_ext.ops, attr)
+
+        def counting(*a, _real=real, _op=op):
+            counts[_op] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(mod_ext.ops, attr, counting)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("op", list(_FAST))
+def test_fast_path_bit_identical_to_op_overload(op, dtype, fast_calls):
+    grad = op != "scatter_add_weighted_"
+    args = _rows_args(op, dtype, requires_grad=grad)
+    ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    out = _call(op, args)
+    assert fast_calls[op] == 1
+    ref = getattr(ops, op).default(*ref_args)
+    if op == "scatter_add_weighted_":
+        assert out is args[0] and ref is None
+        assert_bitwise_equal(args[0], ref_args[0], op)
+        return
+    assert_bitwise_equal(out, ref, op)
+    assert out.requires_grad and type(out.grad_fn) is type(ref.grad_fn)
+    go = _data(out.shape, dtype, gen(82))
+    leaves = [a for a in args if a.requires_grad]
+    ref_leaves = [a for a in ref_args if a.requires_grad]
+    for got, want in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, ref_leaves, go)):
+        assert_bitwise_equal(got, want, f"{op} grad")
+
+
+@pytest.mark.parametrize("op", list(_FAST))
+def test_fast_path_non_tensor_argument_same_error(op, fast_calls):
+    args = _rows_args(op)
+    args[0] = args[0].tolist()
+    with pytest.raises(Exception) as fast:
+        _call(op, args)
+    with pytest.raises(Exception) as slow:
+        getattr(ops, op).default(*args)
+    assert type(fast.value) is type(slow.value) and str(fast.value) == str(slow.value)
+
+
+@pytest.mark.parametrize("op", list(_FAST))
+def test_fast_path_not_taken_with_torch_function_subclass(op, fast_calls):
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    args = _rows_args(op)
+    want = [a.clone() for a in args]
+    args[0] = args[0].as_subclass(Logged)
+    _call(op, args)
+    assert fast_calls[op] == 0
+    assert getattr(ops, op).default in seen
+    if op == "scatter_add_weighted_":
+        ops.scatter_add_weighted_.default(*want)
+        assert_bitwise_equal(args[0].as_subclass(torch.Tensor), want[0], op)
+
+
+@pytest.mark.parametrize("op", list(_FAST))
+def test_fast_path_not_taken_under_torch_function_mode(op, fast_calls):
+    seen = []
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    args = _rows_args(op)
+    with Mode():
+        _call(op, args)
+    assert fast_calls[op] == 0
+    assert seen == [getattr(ops, op).default]
+
+
+@pytest.mark.parametrize("op", list(_FAST))
+def test_fast_path_reaches_dispatch_modes_and_fake_tensors(op, fast_calls):
+    """The fast path enters the dispatcher: TorchDispatchMode and FakeTensorMode see it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    args = _rows_args(op)
+    with Mode():
+        _call(op, args)
+    assert fast_calls[op] == 1 and getattr(ops, op).default in seen
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(a) for a in _rows_args(op)]
+        out = _call(op, args)
+    assert fast_calls[op] == 2
+    assert out.shape == (args[0].shape if op != "gather_tokens" else (2, 4, 6))
+
+
+@pytest.mark.parametrize("op", list(_FAST))
+def test_fast_path_not_taken_while_compiling(op, fast_calls):
+    """dynamo must see torch.ops.mod_ext.<op>.default: one graph (fullgraph) holding it."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *a: _call(op, list(a)), backend=backend, fullgraph=True)
+    args = _rows_args(op)
+    want = [a.clone() for a in args]
+    out = fn(*args)
+    assert fast_calls[op] == 0
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert getattr(ops, op).default in targets
+    ref = getattr(mod_ext, op)(*want)
+    assert_bitwise_equal(out, ref, op)
+
+
+def test_forward_ad_still_refused():
+    """No input requires grad, but a forward-mode tangent is not silently dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, idx = _rows_args("gather_tokens")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            mod_ext.gather_tokens(dual, idx)
