@@ -9,8 +9,9 @@ eager and under torch.compile, in the same run.
 The "autograd" section times forward + ``.sum().backward()`` of gather_tokens and
 scatter_add_weighted against the plain-PyTorch composite (``torch.gather``;
 ``x.scatter_add(1, idx_expanded, w[..., None] * y)``), interleaved, at the CPU benchmark
-shape and on a tiny (1, 8, 8) input where per-call overhead dominates (targets: >= 1.5x
-at the big shape on the CPU; <= 1.2x the torch time on the tiny one).
+shape and on a tiny (1, 8, 8) input where per-call overhead dominates, where the forward
+alone (with and without requires_grad) is timed too (targets: >= 1.5x at the big shape on
+the CPU; <= 1.2x the torch time on the tiny one). Use --threads 1 on a loaded machine.
 """
 
 from __future__ import annotations
@@ -152,18 +153,27 @@ def autograd_rows(rows, args, dev, dt, B, S, D, k):
                 _sum_backward(lambda x, y, w: mod_ext.scatter_add_weighted(x, y, idx, w), [x, y, w]),
                 _sum_backward(lambda x, y, w: x.scatter_add(1, idx_exp, w[..., None] * y), [x, y, w])),
         }
-        for op, (mod_fn, base_fn) in pairs.items():
+        passes = [(op, "fwd+.sum().bwd", fns) for op, fns in pairs.items()]
+        if shape_kind == "tiny":  # per-call overhead of the forward alone, with and without grad
+            xd, yd, wd = x.detach(), y.detach(), w.detach()
+            for sfx, (xa, ya, wa) in (("", (xd, yd, wd)), (" (requires_grad)", (x, y, w))):
+                passes.append(("gather_tokens", "fwd" + sfx, (lambda xa=xa: mod_ext.gather_tokens(xa, idx),
+                                                              lambda xa=xa: torch.gather(xa, 1, idx_exp))))
+                passes.append(("scatter_add_weighted", "fwd" + sfx, (
+                    lambda xa=xa, ya=ya, wa=wa: mod_ext.scatter_add_weighted(xa, ya, idx, wa),
+                    lambda xa=xa, ya=ya, wa=wa: xa.scatter_add(1, idx_exp, wa[..., None] * ya))))
+        for op, pas, (mod_fn, base_fn) in passes:
             t_mod, t_base = interleaved_medians([mod_fn, base_fn], args.repeats)
             speedup = t_base / t_mod
             if shape_kind == "bench":
                 target, status = f">= {AUTOGRAD_SPEEDUP}x", judge(speedup, AUTOGRAD_SPEEDUP, True)
             else:
                 target, status = f"<= {OVERHEAD_RATIO}x torch time", judge(t_mod / t_base, OVERHEAD_RATIO, False)
-            rows.add({"op": op, "shape": shape, "pass": "fwd+.sum().bwd", "impl": "mod_ext", "ms": t_mod * 1e3,
+            rows.add({"op": op, "shape": shape, "pass": pas, "impl": "mod_ext", "ms": t_mod * 1e3,
                       "target": target if not args.gpu_shapes else "", "status": status if not args.gpu_shapes else ""})
-            rows.add({"op": op, "shape": shape, "pass": "fwd+.sum().bwd", "impl": "torch eager", "ms": t_base * 1e3,
+            rows.add({"op": op, "shape": shape, "pass": pas, "impl": "torch eager", "ms": t_base * 1e3,
                       "speedup": speedup})
-            print(f"  {op:21s} {shape:32s} fwd+.sum().bwd mod_ext {t_mod * 1e6:9.1f} us  torch {t_base * 1e6:9.1f} us"
+            print(f"  {op:21s} {shape:32s} {pas:22s} mod_ext {t_mod * 1e6:9.1f} us  torch {t_base * 1e6:9.1f} us"
                   f"  speedup {speedup:.2f}x", flush=True)
 
 
