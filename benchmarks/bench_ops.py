@@ -4,6 +4,14 @@ eager and under torch.compile, in the same run.
     python benchmarks/bench_ops.py --quick                      # CPU, < 1 minute
     python benchmarks/bench_ops.py --json out/ops_cpu.json      # CPU, default shapes
     python benchmarks/bench_ops.py --device cuda --json out/ops_cuda.json
+    python benchmarks/bench_ops.py --ops autograd --repeats 31   # the autograd figures only
+
+The "autograd" section times forward + ``.sum().backward()`` of gather_tokens and
+scatter_add_weighted against the plain-PyTorch composite (``torch.gather``;
+``x.scatter_add(1, idx_expanded, w[..., None] * y)``), interleaved, at the CPU benchmark
+shape and on a tiny (1, 8, 8) input where per-call overhead dominates, where the forward
+alone (with and without requires_grad) is timed too (targets: >= 1.5x at the big shape on
+the CPU; <= 1.2x the torch time on the tiny one). Use --threads 1 on a loaded machine.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from mod_ext.reference import threshold_route_ref  # noqa: E402
 CPU_SPEEDUP = {"topk_route": 1.5, "gather_tokens": 3.0, "scatter_add_weighted": 1.5}
 GPU_SPEEDUP = {"topk_route": 3.0}
 GPU_COPY_FRACTION = {"gather_tokens": 0.85, "scatter_add_weighted": 0.85}
+AUTOGRAD_SPEEDUP = 1.5    # fwd + .sum().backward() at the benchmark shape, CPU
+OVERHEAD_RATIO = 1.2      # mod_ext time / torch time on a tiny input, at most
 
 
 # --------------------------------------------------------------------------------------
@@ -117,6 +127,56 @@ def compare(rows, args, op, shape, pas, mod_fn, base_fn, inputs, grad_out=None, 
         print(f"  {op:21s} {shape:32s} {pas:8s} {r['impl']:22s} {r['ms']:9.3f} ms", flush=True)
 
 
+def _sum_backward(fn, leaves):
+    """fn(*leaves).sum().backward(), with the leaves' .grad reset first (no accumulation)."""
+    def call():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).sum().backward()
+    return call
+
+
+def autograd_rows(rows, args, dev, dt, B, S, D, k):
+    """Forward + .sum().backward() through autograd (C++ autograd::Function for mod_ext),
+    interleaved with the plain-PyTorch composite, at (B, S, D), k and at (1, 8, 8), k = 2."""
+    for shape_kind, (b, s, d, kk) in (("bench", (B, S, D, k)), ("tiny", (1, 8, 8, 2))):
+        shape = f"B={b} S={s} D={d} k={kk} {args.dtype}"
+        x = torch.randn(b, s, d, device=dev, dtype=dt, requires_grad=True)
+        y = torch.randn(b, kk, d, device=dev, dtype=dt, requires_grad=True)
+        w = torch.rand(b, kk, device=dev, dtype=dt, requires_grad=True)
+        idx = mod_ext.topk_route(torch.randn(b, s, device=dev), kk)[0]
+        idx_exp = idx[..., None].expand(-1, -1, d)
+        pairs = {
+            "gather_tokens": (_sum_backward(lambda x: mod_ext.gather_tokens(x, idx), [x]),
+                              _sum_backward(lambda x: torch.gather(x, 1, idx_exp), [x])),
+            "scatter_add_weighted": (
+                _sum_backward(lambda x, y, w: mod_ext.scatter_add_weighted(x, y, idx, w), [x, y, w]),
+                _sum_backward(lambda x, y, w: x.scatter_add(1, idx_exp, w[..., None] * y), [x, y, w])),
+        }
+        passes = [(op, "fwd+.sum().bwd", fns) for op, fns in pairs.items()]
+        if shape_kind == "tiny":  # per-call overhead of the forward alone, with and without grad
+            xd, yd, wd = x.detach(), y.detach(), w.detach()
+            for sfx, (xa, ya, wa) in (("", (xd, yd, wd)), (" (requires_grad)", (x, y, w))):
+                passes.append(("gather_tokens", "fwd" + sfx, (lambda xa=xa: mod_ext.gather_tokens(xa, idx),
+                                                              lambda xa=xa: torch.gather(xa, 1, idx_exp))))
+                passes.append(("scatter_add_weighted", "fwd" + sfx, (
+                    lambda xa=xa, ya=ya, wa=wa: mod_ext.scatter_add_weighted(xa, ya, idx, wa),
+                    lambda xa=xa, ya=ya, wa=wa: xa.scatter_add(1, idx_exp, wa[..., None] * ya))))
+        for op, pas, (mod_fn, base_fn) in passes:
+            t_mod, t_base = interleaved_medians([mod_fn, base_fn], args.repeats)
+            speedup = t_base / t_mod
+            if shape_kind == "bench":
+                target, status = f">= {AUTOGRAD_SPEEDUP}x", judge(speedup, AUTOGRAD_SPEEDUP, True)
+            else:
+                target, status = f"<= {OVERHEAD_RATIO}x torch time", judge(t_mod / t_base, OVERHEAD_RATIO, False)
+            rows.add({"op": op, "shape": shape, "pass": pas, "impl": "mod_ext", "ms": t_mod * 1e3,
+                      "target": target if not args.gpu_shapes else "", "status": status if not args.gpu_shapes else ""})
+            rows.add({"op": op, "shape": shape, "pass": pas, "impl": "torch eager", "ms": t_base * 1e3,
+                      "speedup": speedup})
+            print(f"  {op:21s} {shape:32s} {pas:22s} mod_ext {t_mod * 1e6:9.1f} us  torch {t_base * 1e6:9.1f} us"
+                  f"  speedup {speedup:.2f}x", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
@@ -124,8 +184,8 @@ def main():
     p.add_argument("--seq", type=int, help="S for all ops")
     p.add_argument("--dim", type=int, help="D for gather/scatter")
     p.add_argument("--k", type=int, help="capacity k for all ops")
-    p.add_argument("--ops", default="topk_route,threshold_route,gather_tokens,scatter_add_weighted",
-                   help="comma-separated subset of ops")
+    p.add_argument("--ops", default="topk_route,threshold_route,gather_tokens,scatter_add_weighted,autograd",
+                   help="comma-separated subset of ops (autograd: the fwd + .sum().backward() section)")
     args = p.parse_args()
     setup(args)
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
@@ -181,6 +241,9 @@ def main():
                 lambda x, y, w: mod_ext.scatter_add_weighted(x, y, idx, w),
                 lambda x, y, w: scatter_base(x, y, idx, w), leaves,
                 grad_out=torch.randn(B, S, D, device=dev, dtype=dt), nbytes=scatter_bytes(B, S, D, k, e, True))
+
+    if "autograd" in ops:
+        autograd_rows(rows, args, dev, dt, B, S, D, k)
 
     print()
     print(md_table(rows, [("op", "op", ""), ("shape", "shape", ""), ("pass", "pass", ""), ("impl", "impl", ""),

@@ -19,6 +19,7 @@ __all__ = [
     "threshold_route_ref",
     "gather_tokens_ref",
     "scatter_add_weighted_ref",
+    "router_logits_ref",
 ]
 
 
@@ -87,3 +88,12 @@ def scatter_add_weighted_ref(x: Tensor, y: Tensor, indices: Tensor, weights: Ten
     touched = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
     touched.scatter_(1, indices, True)
     return torch.where(touched.unsqueeze(-1), out, x)
+
+
+def router_logits_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """z = x @ weight (+ bias) in float32 (float64 for float64 x): (B, S, D) -> (B, S).
+    This is the expression mod_block computed its router logits with; for float32 x the
+    op is bit-identical to it."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = torch.matmul(x.to(acc), weight.to(acc))
+    return z if bias is None else z + bias.to(acc).reshape(())

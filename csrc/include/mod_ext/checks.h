@@ -1,4 +1,5 @@
-// Shared declarations and argument checks for the mod_ext routing ops.
+// Argument checks shared by the CPU and CUDA kernels of every op family. Every message
+// starts with "mod_ext: ", names the argument and states the expected shape or dtype.
 //
 // Shapes follow one convention everywhere (see docs/MOD_SPEC.md):
 //   x             (B, S, D)  hidden states
@@ -7,21 +8,20 @@
 //   slot_mask     (B, C)     bool, True for a routed token, False for padding
 #pragma once
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
-#include <cstring>
-#include <string>
+#include <optional>
+
+#include "mod_ext/route_key.h"  // kMaxSeqLen
 
 namespace mod_ext {
 
 // ---------------------------------------------------------------------------
 // Argument checks. Every message names the argument and the expected shape.
 // ---------------------------------------------------------------------------
-constexpr int64_t kMaxSeqLen = (int64_t(1) << 30);
-
 #define MOD_CHECK(cond, ...) TORCH_CHECK(cond, "mod_ext: ", __VA_ARGS__)
 
 inline void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* shape) {
@@ -42,7 +42,7 @@ inline void check_same_device(const at::Tensor& a, const char* an, const at::Ten
 
 // Checks for the two routing ops; returns nothing, throws on bad input.
 inline void check_route_args(const char* op, const at::Tensor& logits, const char* logits_name,
-                             int64_t capacity, const c10::optional<at::Tensor>& valid) {
+                             int64_t capacity, const std::optional<at::Tensor>& valid) {
   check_rank(logits, logits_name, 2, "(B, S)");
   auto st = logits.scalar_type();
   MOD_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", logits_name,
@@ -131,48 +131,35 @@ inline void check_inplace_args(const at::Tensor& x, const at::Tensor& y, const a
             "in-place writes would be ambiguous");
 }
 
-// ---------------------------------------------------------------------------
-// Order-preserving keys for the top-k selection, shared by CPU and CUDA.
-//
-// The routing order of MOD_SPEC sections 1-2 is a strict total order on the
-// tokens of a row:  valid numbers (largest first) > valid NaN > invalid tokens,
-// ties to the lower position. We encode it as one unsigned 64-bit key, larger
-// is better, unique per token because the low bits hold the inverted position:
-//   bits 63..62  class: 2 = valid number, 1 = valid NaN, 0 = invalid
-//   bits 61..30  order-preserving encoding of the float32 value (0 unless class 2)
-//   bits 29..0   (2^30 - 1 - position)
-// Sequences are therefore limited to 2^30 tokens, which the checks enforce.
-// ---------------------------------------------------------------------------
-
-#if defined(__CUDACC__)
-#define MOD_HD __host__ __device__ __forceinline__
-#else
-#define MOD_HD inline
-#endif
-
-MOD_HD uint32_t float_order_key(float f) {
-  uint32_t bits;
-#if defined(__CUDA_ARCH__)
-  bits = __float_as_uint(f);
-#else
-  std::memcpy(&bits, &f, sizeof(bits));
-#endif
-  if ((bits & 0x7fffffffu) == 0u) bits = 0u;  // -0.0 ties with +0.0
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-MOD_HD uint64_t route_key(float value, bool valid, int64_t position) {
-  uint64_t cls;
-  uint64_t vkey = 0;
-  if (!valid) {
-    cls = 0;
-  } else if (value != value) {  // NaN
-    cls = 1;
-  } else {
-    cls = 2;
-    vkey = float_order_key(value);
+// router_logits(x, weight, bias): x (B, S, D) floating, weight (D,) floating, bias None
+// or one element, all on x's device.
+inline void check_router_logits_args(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  check_rank(x, "x", 3, "(B, S, D)");
+  check_float(x, "x");
+  MOD_CHECK(weight.dim() == 1 && weight.size(0) == x.size(2),
+            "router_logits: weight must have shape (D,) = (", x.size(2), ",), got ",
+            weight.sizes());
+  check_float(weight, "weight");
+  check_same_device(x, "x", weight, "weight");
+  if (bias.has_value()) {
+    MOD_CHECK(bias->numel() == 1, "router_logits: bias must be None or a tensor with one element, got shape ",
+              bias->sizes());
+    check_float(*bias, "bias");
+    check_same_device(x, "x", *bias, "bias");
   }
-  return (cls << 62) | (vkey << 30) | (uint64_t)((kMaxSeqLen - 1) - position);
 }
+
+// The float dtypes the routing ops accept (check_route_args enforces the same set).
+#define MOD_EXT_DISPATCH_ROUTE_TYPES(TYPE, NAME, ...)                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                         \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// The dtypes of hidden states (x, y, gradients): every floating type.
+#define MOD_EXT_DISPATCH_DATA_TYPES(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, \
+                                  NAME, __VA_ARGS__)
 
 }  // namespace mod_ext

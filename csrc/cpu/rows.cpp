@@ -1,21 +1,25 @@
-// CPU kernels for the mod_ext routing ops. Schemas: registration.cpp.
-// Semantics: mod_ext/reference.py (the oracles the tests compare against).
+// CPU kernels of the rows family: gather_tokens, scatter_add_weighted (out of place and
+// in place) and their backward ops. Schemas: registration.cpp. Semantics:
+// mod_ext/reference.py (the oracles the tests compare against).
 //
-// Every kernel is parallel over rows (at::parallel_for), works on contiguous
-// copies of its inputs, accumulates in float32 (float64 for double) and rounds once.
-#include "mod_ext.h"
-
-#include <ATen/Dispatch.h>
+// Every kernel is parallel over rows (at::parallel_for), works on contiguous copies of
+// its inputs (the backward kernels read the incoming gradient with its own strides),
+// accumulates in float32 (float64 for double) and rounds once.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
-#if defined(__x86_64__) || defined(__SSE2__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
-#include <functional>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#include "mod_ext/build_registry.h"
+#include "mod_ext/checks.h"
 
 namespace mod_ext {
 namespace {
@@ -27,205 +31,6 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 inline int64_t row_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
 }
-
-// route_key of mod_ext.h without branches (the same value bit for bit), so the loop
-// that builds a row's keys has no data-dependent jumps.
-inline uint64_t route_key_branchless(float value, bool valid, int64_t position) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  const uint64_t is_nan = magnitude > 0x7f800000u;
-  bits = magnitude == 0u ? 0u : bits;  // -0.0 ties with +0.0
-  // float_order_key: negative -> ~bits, positive -> bits | sign bit.
-  const uint32_t order = bits ^ (static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u);
-  const uint64_t cls = valid ? 2u - is_nan : 0u;
-  const uint64_t vkey = cls == 2u ? order : 0u;
-  return (cls << 62) | (vkey << 30) | static_cast<uint64_t>((kMaxSeqLen - 1) - position);
-}
-
-// Radix select over unique 64-bit keys with 11-bit digits. Each pass uses the 11 bits
-// just below the highest bit in which the remaining candidates still differ, so a row of
-// equal logits (keys that differ only in their position bits) takes one or two passes,
-// not six.
-constexpr int kDigitBits = 11;
-constexpr uint32_t kBuckets = 1u << kDigitBits;
-constexpr int64_t kSmallSelect = 96;  // below this, nth_element beats another pass
-
-// The bits in which a set of keys differ: OR ^ AND over the set.
-struct VaryingBits {
-  uint64_t any = 0, all = ~uint64_t(0);
-  void add(uint64_t key) { any |= key, all &= key; }
-  void add_if(uint64_t key, bool cond) {  // without a branch
-    const uint64_t mask = uint64_t(0) - cond;
-    any |= key & mask, all &= key | ~mask;
-  }
-  uint64_t bits() const { return any ^ all; }
-};
-
-inline int highest_bit(uint64_t v) {  // v != 0
-  int b = 63;
-  while (!(v >> b)) --b;
-  return b;
-}
-
-// The bucket that holds the k-th largest key (k is 1-based) given a histogram of one
-// digit; on return k is the rank within that bucket.
-inline uint32_t bucket_of_kth(const uint32_t* hist, int64_t& k) {
-  uint32_t t = kBuckets - 1;
-  while (hist[t] < k) k -= hist[t--];
-  return t;
-}
-
-// The k-th largest (1 <= k <= n) of n unique keys, whose differing bits are `varying`.
-// Each pass histograms one digit of the remaining candidates and keeps only the bucket
-// holding the k-th (a few hundred candidates at most after the first pass on realistic
-// logits). `a` and `b` are scratch space for n keys each.
-uint64_t kth_largest_key(const uint64_t* keys, int64_t n, int64_t k, uint64_t varying,
-                         uint64_t* a, uint64_t* b) {
-  const uint64_t* cand = keys;
-  uint32_t hist[kBuckets];
-  while (n > kSmallSelect) {  // n > 1, so the unique keys differ somewhere: varying != 0
-    const int shift = std::max(highest_bit(varying) + 1 - kDigitBits, 0);
-    std::fill(hist, hist + kBuckets, 0u);
-    for (int64_t i = 0; i < n; ++i) ++hist[(cand[i] >> shift) & (kBuckets - 1)];
-    const uint32_t t = bucket_of_kth(hist, k);
-    // Keep the candidates of bucket t: write every key, advance only past the kept ones.
-    VaryingBits kept;
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint64_t key = cand[i];
-      const bool keep = ((key >> shift) & (kBuckets - 1)) == t;
-      a[m] = key;
-      m += keep;
-      kept.add_if(key, keep);
-    }
-    cand = a;
-    std::swap(a, b);
-    n = m;
-    varying = kept.bits();
-  }
-  if (cand == keys) cand = std::copy(keys, keys + n, a) - n;  // nth_element reorders
-  uint64_t* c = const_cast<uint64_t*>(cand);
-  std::nth_element(c, c + (k - 1), c + n, std::greater<uint64_t>());
-  return c[k - 1];
-}
-
-// One row of topk_route: writes the `capacity` selected positions in ascending order.
-template <typename scalar_t>
-void topk_route_row(const scalar_t* logits, const bool* valid, int64_t S, int64_t capacity,
-                    uint64_t* keys, uint64_t* scratch_a, uint64_t* scratch_b, int64_t* out_idx,
-                    bool* out_mask) {
-  VaryingBits varying;
-  for (int64_t s = 0; s < S; ++s) {
-    keys[s] = route_key_branchless(static_cast<float>(logits[s]), valid ? valid[s] : true, s);
-    varying.add(keys[s]);
-  }
-  // Keys are unique, so exactly `capacity` keys are >= the capacity-th largest.
-  const uint64_t threshold =
-      kth_largest_key(keys, S, capacity, varying.bits(), scratch_a, scratch_b);
-  // Emit positions in order: write every position, advance only past the selected ones.
-  int64_t j = 0;
-  for (int64_t s = 0; s < S && j < capacity; ++s) {
-    out_idx[j] = s;
-    j += keys[s] >= threshold;
-  }
-  TORCH_INTERNAL_ASSERT(j == capacity, "topk_route_cpu: selected ", j, " != ", capacity);
-  if (valid) {
-    for (int64_t i = 0; i < capacity; ++i) out_mask[i] = valid[out_idx[i]];
-  } else {
-    std::fill(out_mask, out_mask + capacity, true);
-  }
-}
-
-}  // namespace
-
-// ---------------------------------------------------------------------------
-// topk_route: expert-choice top-k per row. Builds the unique 64-bit route_key
-// of every token, finds the capacity-th largest by radix select (O(S)), then
-// emits the positions of the keys >= it in ascending order. One row per task.
-// ---------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> topk_route_cpu(const at::Tensor& router_logits,
-                                                  int64_t capacity,
-                                                  const c10::optional<at::Tensor>& valid) {
-  check_route_args("topk_route", router_logits, "router_logits", capacity, valid);
-  const int64_t B = router_logits.size(0), S = router_logits.size(1);
-  auto indices = at::empty({B, capacity}, router_logits.options().dtype(at::kLong));
-  auto slot_mask = at::empty({B, capacity}, router_logits.options().dtype(at::kBool));
-  if (B == 0) return {indices, slot_mask};
-
-  const auto logits = router_logits.contiguous();
-  const auto valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
-  int64_t* idx_ptr = indices.data_ptr<int64_t>();
-  bool* mask_ptr = slot_mask.data_ptr<bool>();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
-    const scalar_t* src = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint64_t> buf(3 * S);  // keys + two scratch arrays
-      for (int64_t b = begin; b < end; ++b) {
-        topk_route_row(src + b * S, valid_ptr ? valid_ptr + b * S : nullptr, S, capacity,
-                       buf.data(), buf.data() + S, buf.data() + 2 * S,
-                       idx_ptr + b * capacity, mask_ptr + b * capacity);
-      }
-    });
-  });
-  return {indices, slot_mask};
-}
-
-// ---------------------------------------------------------------------------
-// threshold_route: causal first-come-first-served routing (MOD_SPEC section 3).
-// ---------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> threshold_route_cpu(const at::Tensor& scores, int64_t capacity,
-                                                       const c10::optional<at::Tensor>& valid) {
-  check_route_args("threshold_route", scores, "scores", capacity, valid);
-  const int64_t B = scores.size(0), S = scores.size(1);
-  auto indices = at::empty({B, capacity}, scores.options().dtype(at::kLong));
-  auto slot_mask = at::empty({B, capacity}, scores.options().dtype(at::kBool));
-  if (B == 0) return {indices, slot_mask};
-
-  const auto sc = scores.contiguous();
-  const auto valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
-  int64_t* idx_ptr = indices.data_ptr<int64_t>();
-  bool* mask_ptr = slot_mask.data_ptr<bool>();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "threshold_route_cpu", [&] {
-    const scalar_t* src = sc.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* row = src + b * S;
-        const bool* v = valid_ptr ? valid_ptr + b * S : nullptr;
-        // Pass 1: how many tokens are routed (first come, first served, capped).
-        int64_t n_routed = 0;
-        for (int64_t s = 0; s < S && n_routed < capacity; ++s) {
-          if ((!v || v[s]) && static_cast<float>(row[s]) > 0.f) ++n_routed;
-        }
-        const int64_t n_padding = capacity - n_routed;
-        // Pass 2: emit routed tokens and the lowest-position unrouted ones, in order.
-        int64_t routed_so_far = 0, padding_so_far = 0, j = 0;
-        for (int64_t s = 0; s < S && j < capacity; ++s) {
-          const bool routed = (!v || v[s]) && static_cast<float>(row[s]) > 0.f &&
-                              routed_so_far < capacity;
-          if (routed) {
-            ++routed_so_far;
-          } else if (padding_so_far < n_padding) {
-            ++padding_so_far;
-          } else {
-            continue;
-          }
-          idx_ptr[b * capacity + j] = s;
-          mask_ptr[b * capacity + j] = routed;
-          ++j;
-        }
-        TORCH_INTERNAL_ASSERT(j == capacity, "threshold_route_cpu: selected ", j, " != ", capacity);
-      }
-    });
-  });
-  return {indices, slot_mask};
-}
-
-namespace {
 
 // ---------------------------------------------------------------------------
 // Index validation and slot maps, shared by gather and scatter.
@@ -312,6 +117,25 @@ inline void copy_bytes(void* dst, const void* src, size_t n, bool stream) {
   }
 #endif
   std::memcpy(dst, src, n);
+}
+
+// memset(dst, 0, n); with `stream` (x86-64) through non-temporal stores, as copy_bytes.
+inline void zero_bytes(void* dst, size_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    char* d = static_cast<char*>(dst);
+    const size_t head = std::min(n, static_cast<size_t>(-reinterpret_cast<uintptr_t>(d) & 15));
+    std::memset(d, 0, head);
+    d += head, n -= head;
+    const __m128i z = _mm_setzero_si128();
+    for (; n >= 64; n -= 64, d += 64) {
+      for (int k = 0; k < 64; k += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), z);
+    }
+    std::memset(d, 0, n);
+    return;
+  }
+#endif
+  std::memset(dst, 0, n);
 }
 
 // Orders this thread's non-temporal stores before whatever follows.
@@ -408,6 +232,28 @@ inline const acc_t<T>* load_acc(const T* src, acc_t<T>* buf, int64_t n) {
   }
 }
 
+// n values src[0], src[stride], ... in acc precision: the row itself when it is dense
+// and stored as acc, else gathered (and converted) into `buf`. Lets the backward kernels
+// read an incoming gradient with its own strides (the stride-0 gradient of .sum(), a
+// transposed one) instead of copying it into a contiguous tensor first.
+template <typename T>
+inline const acc_t<T>* load_acc_strided(const T* src, int64_t stride, acc_t<T>* buf, int64_t n) {
+  if (stride == 1) return load_acc(src, buf, n);
+  if (stride == 0) {
+    std::fill(buf, buf + n, static_cast<acc_t<T>>(*src));
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t<T>>(src[i * stride]);
+  }
+  return buf;
+}
+
+// The element strides of a (B, R, D) tensor, read by the backward kernels in place.
+struct RowStrides {
+  int64_t b, r, d;
+  explicit RowStrides(const at::Tensor& t) : b(t.stride(0)), r(t.stride(1)), d(t.stride(2)) {}
+  int64_t row(int64_t bi, int64_t ri) const { return bi * b + ri * r; }
+};
+
 // Where to compute n results for `dst`: dst itself when it is stored as acc and not
 // streamed, else `buf`; then store_acc moves them to dst (converted, or streamed).
 template <typename T>
@@ -449,21 +295,24 @@ inline void memory_barrier(const void* p) {
 // dst = round(base + src) in acc precision, base = +0 (kOnZero: the first gradient row
 // landing on a position, exactly as the reference's zeros().scatter_add_() computes it,
 // so -0.0 becomes +0.0) or the current dst (accumulate a repeated position).
+// `src` is read with element stride `src_stride` (1: a dense row).
+// With `stream` (kOnZero only) dst is written with non-temporal stores.
 template <bool kOnZero, typename scalar_t>
-void add_row(const scalar_t* src, scalar_t* dst, int64_t D) {
+void add_row(const scalar_t* src, int64_t src_stride, scalar_t* dst, int64_t D,
+             bool stream = false) {
   using acc = acc_t<scalar_t>;
   acc sbuf[kChunk], dbuf[kChunk];
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     const int64_t n = std::min(kChunk, D - d0);
-    const acc* s = load_acc(src + d0, sbuf, n);
-    acc* o = acc_target(dst + d0, dbuf);
+    const acc* s = load_acc_strided(src + d0 * src_stride, src_stride, sbuf, n);
+    acc* o = acc_target(dst + d0, dbuf, kOnZero && stream);
     if constexpr (kOnZero) {
       for (int64_t d = 0; d < n; ++d) o[d] = acc(0) + s[d];
     } else {
       const acc* old = load_acc(dst + d0, dbuf, n);
       for (int64_t d = 0; d < n; ++d) o[d] = old[d] + s[d];
     }
-    store_acc(o, dst + d0, n);
+    store_acc(o, dst + d0, n, kOnZero && stream);
   }
 }
 
@@ -493,16 +342,17 @@ void weighted_add_row(const scalar_t* x, const scalar_t* y, acc_t<scalar_t> w, s
 // grad_y = round(w * g) and returns <g, y> in acc precision. The dot product keeps
 // kLanes independent partial sums so it vectorizes (its order differs from a serial
 // sum; the weight gradient is compared with a tolerance).
+// `g` is read with element stride `g_stride` (1: a dense row).
 template <typename scalar_t>
-acc_t<scalar_t> scale_and_dot_row(const scalar_t* g, const scalar_t* y, acc_t<scalar_t> w,
-                                  scalar_t* grad_y, int64_t D) {
+acc_t<scalar_t> scale_and_dot_row(const scalar_t* g, int64_t g_stride, const scalar_t* y,
+                                  acc_t<scalar_t> w, scalar_t* grad_y, int64_t D) {
   using acc = acc_t<scalar_t>;
   constexpr int64_t kLanes = 16;
   acc gbuf[kChunk], ybuf[kChunk], obuf[kChunk];
   acc part[kLanes] = {};
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     const int64_t n = std::min(kChunk, D - d0);
-    const acc* gv = load_acc(g + d0, gbuf, n);
+    const acc* gv = load_acc_strided(g + d0 * g_stride, g_stride, gbuf, n);
     const acc* yv = load_acc(y + d0, ybuf, n);
     acc* o = acc_target(grad_y + d0, obuf);
     for (int64_t d = 0; d < n; ++d) o[d] = w * gv[d];
@@ -518,7 +368,6 @@ acc_t<scalar_t> scale_and_dot_row(const scalar_t* g, const scalar_t* y, acc_t<sc
   return sum;
 }
 
-}  // namespace
 
 // ---------------------------------------------------------------------------
 // gather_tokens: out[b, j] = x[b, indices[b, j]], one contiguous row copy per slot.
@@ -564,23 +413,44 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
   std::vector<uint8_t> has_repeats;
   const auto slot = build_slot_map("gather_tokens_backward", idx, S, /*unique=*/false, &has_repeats);
   const bool any_repeats = std::find(has_repeats.begin(), has_repeats.end(), 1) != has_repeats.end();
-  const auto g = grad_output.contiguous();
+  // grad_output is read with its own strides (no contiguous copy): .sum().backward()
+  // hands a stride-0 expanded gradient, other callers transposed or sliced ones.
+  const RowStrides gs(grad_output);
   const int64_t* ip = idx.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_tokens_backward_cpu", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
+  MOD_EXT_DISPATCH_DATA_TYPES(grad_output.scalar_type(), "gather_tokens_backward_cpu", [&] {
+    const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
     scalar_t* op = grad_x.data_ptr<scalar_t>();
     // Every row of grad_x: zeros, or 0 + its first slot's gradient.
-    at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
-      const int64_t block = std::max<int64_t>(1, 65536 / (D * sizeof(scalar_t)));
-      for (int64_t r0 = begin; r0 < end; r0 += block) {
-        const int64_t r1 = std::min(end, r0 + block);
-        std::memset(op + r0 * D, 0, (r1 - r0) * D * sizeof(scalar_t));
-        for (int64_t r = r0; r < r1; ++r) {
+    if (grad_x.nbytes() >= kStreamBytes) {
+      // A large grad_x is written once, row by row, with non-temporal stores: runs of
+      // zero rows, and 0 + the first slot's gradient for a routed row.
+      at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end;) {
           const int64_t j = slot[r];
-          if (j >= 0) add_row</*kOnZero=*/true>(gp + ((r / S) * C + j) * D, op + r * D, D);
+          if (j < 0) {
+            const int64_t e = unrouted_run_end(slot.data(), r, end);
+            zero_bytes(op + r * D, (e - r) * D * sizeof(scalar_t), /*stream=*/true);
+            r = e;
+          } else {
+            add_row</*kOnZero=*/true>(gp + gs.row(r / S, j), gs.d, op + r * D, D, /*stream=*/true);
+            ++r;
+          }
         }
-      }
-    });
+        stream_fence();
+      });
+    } else {
+      at::parallel_for(0, B * S, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+        const int64_t block = std::max<int64_t>(1, 65536 / (D * sizeof(scalar_t)));
+        for (int64_t r0 = begin; r0 < end; r0 += block) {
+          const int64_t r1 = std::min(end, r0 + block);
+          std::memset(op + r0 * D, 0, (r1 - r0) * D * sizeof(scalar_t));
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t j = slot[r];
+            if (j >= 0) add_row</*kOnZero=*/true>(gp + gs.row(r / S, j), gs.d, op + r * D, D);
+          }
+        }
+      });
+    }
     // Rows with repeated positions: add the later slots, in slot order.
     if (any_repeats) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -588,7 +458,9 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_output, const at::T
           if (!has_repeats[b]) continue;
           for (int64_t j = 0; j < C; ++j) {
             const int64_t s = ip[b * C + j];
-            if (slot[b * S + s] != j) add_row</*kOnZero=*/false>(gp + (b * C + j) * D, op + (b * S + s) * D, D);
+            if (slot[b * S + s] != j) {
+              add_row</*kOnZero=*/false>(gp + gs.row(b, j), gs.d, op + (b * S + s) * D, D);
+            }
           }
         }
       });
@@ -616,7 +488,7 @@ at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
   const auto yc = y.contiguous();
   const bool is_double = x.scalar_type() == at::kDouble;
   const auto w = weights.to(is_double ? at::kDouble : at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_weighted_cpu", [&] {
+  MOD_EXT_DISPATCH_DATA_TYPES(x.scalar_type(), "scatter_add_weighted_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* yp = yc.data_ptr<scalar_t>();
@@ -647,7 +519,6 @@ at::Tensor scatter_add_weighted_cpu(const at::Tensor& x, const at::Tensor& y,
 // scatter_add_weighted_: the in-place variant for inference: only the routed rows of
 // x are read and written (no copy of x).
 // ---------------------------------------------------------------------------
-namespace {
 
 // out[b, idx] = round(out[b, idx] + w[b, j] * y[b, j]) for every slot; `out` is
 // contiguous (B, S, D). Indices are already range- and uniqueness-checked, so the
@@ -660,7 +531,7 @@ void scatter_rows_cpu_(at::Tensor& out, const at::Tensor& y, const at::Tensor& i
   const bool is_double = out.scalar_type() == at::kDouble;
   const auto w = weights.to(is_double ? at::kDouble : at::kFloat).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_add_weighted_cpu", [&] {
+  MOD_EXT_DISPATCH_DATA_TYPES(out.scalar_type(), "scatter_add_weighted_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     const acc* wp = w.data_ptr<acc>();
@@ -674,7 +545,6 @@ void scatter_rows_cpu_(at::Tensor& out, const at::Tensor& y, const at::Tensor& i
   });
 }
 
-}  // namespace
 
 void scatter_add_weighted__cpu(at::Tensor& x, const at::Tensor& y,
                                  const at::Tensor& indices, const at::Tensor& weights) {
@@ -710,21 +580,23 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cpu(
   const auto acc_type = is_double ? at::kDouble : at::kFloat;
   auto grad_w_acc = at::zeros({B, C}, weights.options().dtype(acc_type));
   if (B > 0 && C > 0 && D > 0) {
-    const auto g = grad_output.contiguous();
+    // Only the C routed rows of grad_output are read, with its own strides: the
+    // stride-0 gradient of .sum() or a transposed one is not copied.
+    const RowStrides gs(grad_output);
     const auto yc = y.contiguous();
     const auto w = weights.to(acc_type).contiguous();
     const int64_t* ip = idx.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "scatter_add_weighted_backward_cpu", [&] {
+    MOD_EXT_DISPATCH_DATA_TYPES(y.scalar_type(), "scatter_add_weighted_backward_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
       const scalar_t* yp = yc.data_ptr<scalar_t>();
       const acc* wp = w.data_ptr<acc>();
       scalar_t* gyp = grad_y.data_ptr<scalar_t>();
       acc* gwp = grad_w_acc.data_ptr<acc>();
       at::parallel_for(0, B * C, row_grain(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* grow = gp + ((i / C) * S + ip[i]) * D;
-          gwp[i] = scale_and_dot_row(grow, yp + i * D, wp[i], gyp + i * D, D);
+          const scalar_t* grow = gp + gs.row(i / C, ip[i]);
+          gwp[i] = scale_and_dot_row(grow, gs.d, yp + i * D, wp[i], gyp + i * D, D);
         }
       });
     });
@@ -734,14 +606,16 @@ std::tuple<at::Tensor, at::Tensor> scatter_add_weighted_backward_cpu(
   return {grad_y, grad_w_acc.to(weights.scalar_type())};
 }
 
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(mod_ext, CPU, m) {
-  m.impl("topk_route", &topk_route_cpu);
-  m.impl("threshold_route", &threshold_route_cpu);
   m.impl("gather_tokens", &gather_tokens_cpu);
   m.impl("gather_tokens_backward", &gather_tokens_backward_cpu);
   m.impl("scatter_add_weighted", &scatter_add_weighted_cpu);
   m.impl("scatter_add_weighted_", &scatter_add_weighted__cpu);
   m.impl("scatter_add_weighted_backward", &scatter_add_weighted_backward_cpu);
 }
+MOD_EXT_REGISTER_FAMILY(rows, cpu);
 
 }  // namespace mod_ext

@@ -1,0 +1,25 @@
+// router_logits for float32 / float64 x, shared by the CPU and CUDA kernels: exactly
+// torch.matmul(x, weight.to(acc)) + bias.to(acc).reshape(()) (acc = x.dtype), so the
+// result is bit-identical to that expression. Low-precision x goes to each backend's
+// own kernel, which reads x in its dtype (no float32 copy of x).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace mod_ext {
+
+inline at::ScalarType router_acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline at::Tensor router_logits_matmul(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias) {
+  const auto acc = router_acc_type(x);
+  auto out = at::matmul(x, weight.to(acc));
+  if (bias.has_value()) out.add_(bias->to(acc).reshape({}));
+  return out;
+}
+
+}  // namespace mod_ext
