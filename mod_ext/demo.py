@@ -26,7 +26,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import matplotlib
+try:  # the [demo] extra: the core package needs only torch
+    import matplotlib
+    import numpy  # noqa: F401  (the corpus loader, mod_ext.data)
+    import tqdm  # noqa: F401
+except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
+    raise ModuleNotFoundError(
+        f"python -m mod_ext.demo needs the [demo] extra ({e.name} is not installed): "
+        "pip install numpy tqdm matplotlib, or from the checkout "
+        "pip install --no-build-isolation -e \".[demo]\"", name=e.name
+    ) from e
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

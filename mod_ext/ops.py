@@ -22,14 +22,11 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-try:
-    from . import _C  # loading the library registers torch.ops.mod_ext.*
-except ImportError as e:  # pragma: no cover - only on a broken install
-    raise ImportError(
-        "mod_ext._C (the compiled ops) could not be loaded. Build it with "
-        "`pip install --no-build-isolation -e .` from the mod_ext checkout, against the "
-        f"PyTorch you run ({torch.__version__}). Original error: {e}"
-    ) from e
+from ._loader import load_compiled
+
+# Loading the library registers torch.ops.mod_ext.*; a missing or broken library is an
+# ImportError that says why (e.g. a source checkout shadowing the installed package).
+_C = load_compiled()
 
 __all__ = [
     "topk_route",
