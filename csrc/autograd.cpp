@@ -201,10 +201,16 @@ struct ScatterAddWeightedBackward : torch::autograd::Function<ScatterAddWeighted
 constexpr int64_t kChunkElems = int64_t(1) << 20;  // x elements converted at a time
 
 Tensor router_grad_weight(const Tensor& g, const Tensor& x, at::ScalarType acc) {
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
-  if (x.scalar_type() == acc) {  // float32 / float64: one matrix-vector product
-    return at::matmul(g.reshape({1, -1}), x.reshape({-1, D})).reshape({D});
+  // Symbolic sizes (torch.compile(dynamic=True), torch.export with a Dim) must stay
+  // symbolic: reading them as ints would specialise the graph to one length, and the
+  // chunk loop below cannot run over a symbolic length, so a traced graph gets the
+  // one-product form (the compiler fuses the conversion).
+  const bool symbolic = x.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  if (x.scalar_type() == acc || symbolic) {  // float32 / float64: one matrix-vector product
+    const c10::SymInt D = x.sym_size(2);
+    return at::matmul(g.reshape({1, -1}).to(acc), x.reshape_symint({-1, D}).to(acc)).reshape_symint({D});
   }
+  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
   Tensor sum = at::zeros({D}, x.options().dtype(acc));
   const int64_t rows = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, D));
   for (int64_t b = 0; b < B; ++b) {
@@ -243,7 +249,7 @@ struct RouterLogits : torch::autograd::Function<RouterLogits> {
       if (x.scalar_type() == acc || at::GradMode::is_enabled()) {
         grad_x = (g.unsqueeze(-1) * w).to(x.scalar_type());
       } else {  // acc math, rounded once into an x.dtype tensor: no float32 (B, S, D) temporary
-        grad_x = at::empty(x.sizes(), x.options());
+        grad_x = at::empty_symint(x.sym_sizes(), x.options());
         at::mul_out(grad_x, g.unsqueeze(-1), w);
       }
     }

@@ -36,6 +36,7 @@ Terms (one name per concept):
 
 from __future__ import annotations
 
+import fractions
 import math
 import numbers
 import operator
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import MoDLayerCache
-from .ops import gather_tokens, scatter_add_weighted, scatter_add_weighted_, threshold_route, topk_route
+from .ops import gather_tokens, router_logits, scatter_add_weighted, scatter_add_weighted_, threshold_route, topk_route
 
 __all__ = [
     "MoDOutput",
@@ -125,6 +126,15 @@ def capacity_for(seq_len, capacity_factor) -> int:
             f"mod_ext.capacity_for: capacity_factor must be a positive number, got {capacity_factor!r}"
         )
     # sym_min / sym_max are min / max for ints and stay symbolic (no guard) for SymInts.
+    if isinstance(seq_len, torch.SymInt) and type(c) is float:
+        # A symbolic length: the same value as an integer ceiling division by the factor's
+        # fraction (0.7 -> 7/10), an expression the shape solver can bound (export proves
+        # its guards with it; a float ceil of a rounded product it cannot).
+        frac = fractions.Fraction(c).limit_denominator(10**9)
+        k = (frac.numerator * seq_len + frac.denominator - 1) // frac.denominator
+        if frac <= 1:  # then 1 <= k <= S already: no min/max, which the solver handles worse
+            return k
+        return torch.sym_min(seq_len, torch.sym_max(1, k))
     return torch.sym_min(seq_len, torch.sym_max(1, math.ceil(round(c * seq_len, 9))))
 
 
@@ -155,11 +165,10 @@ def _router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tenso
     The one place the router logits are computed (mod_block, MoDBlock.causal_scores,
     MoDBlock.decode), so the routing decision is the same on every path.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = torch.matmul(x.to(acc), router_weight.to(acc))
-    if router_bias is not None:
-        z = z + router_bias.to(device=x.device, dtype=acc).reshape(())
-    return z
+    if router_bias is not None and router_bias.device != x.device:
+        router_bias = router_bias.to(x.device)  # e.g. a Python number given as router_bias
+    # float32 accumulation straight from x's dtype: no float32 copy of the hidden state
+    return router_logits(x, router_weight, router_bias)
 
 
 def _as_bias(router_bias):

@@ -523,7 +523,7 @@ def test_gradcheck_scatter_add_weighted(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("routing", ["topk", "threshold"])
+@pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_gradcheck_mod_block(routing, device):
     g = gen(53)
     B, S, D, C = 2, 8, 4, 3
@@ -534,7 +534,7 @@ def test_gradcheck_mod_block(routing, device):
     valid = torch.ones(B, S, dtype=torch.bool)
     valid[1, -2:] = False
     # gradcheck perturbs inputs by 1e-6: routing must not flip, so logits must be well
-    # separated from each other (top-k) and from 0 (threshold).
+    # separated from each other (top-k) and from 0 (causal).
     z = (x @ rw + rb).float()
     gaps = z.sort(dim=1).values.diff(dim=1).abs()
     assert float(gaps.min()) > 1e-4 and float(z.abs().min()) > 1e-4, "bad seed: near-tied logits"
