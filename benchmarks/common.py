@@ -265,8 +265,3 @@ def torch_mod_block(x: Tensor, router_weight: Tensor, block_fn: Callable[[Tensor
     idx_exp = idx[..., None].expand(-1, -1, x.shape[-1])
     f = block_fn(torch.gather(x, 1, idx_exp))
     return x.scatter_add(1, idx_exp, r[..., None].to(x.dtype) * f)
-
-
-def mod_ext_mod_block(x: Tensor, router_weight: Tensor, block_fn: Callable[[Tensor], Tensor], k: int) -> Tensor:
-    """The same layer with mod_ext.mod_block."""
-    return mod_ext.mod_block(x, router_weight, lambda xs, pos, mask: block_fn(xs), capacity=k).output
