@@ -73,9 +73,8 @@ at::Tensor router_logits_cpu(const at::Tensor& x, const at::Tensor& weight,
   const auto w = weight.to(at::kFloat).contiguous();
   const float b = bias.has_value() ? bias->to(at::kFloat).item<float>() : 0.f;  // CPU: no sync
   const bool has_bias = bias.has_value();
-  AT_DISPATCH_SWITCH(st, "router_logits_cpu",
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, [&] { rows<scalar_t>(x, w, has_bias, b, out); })
-                     AT_DISPATCH_CASE(at::ScalarType::Half, [&] { rows<scalar_t>(x, w, has_bias, b, out); }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "router_logits_cpu",  // bfloat16, float16
+                                     [&] { rows<scalar_t>(x, w, has_bias, b, out); });
   return out;
 }
 

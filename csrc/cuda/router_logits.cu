@@ -62,25 +62,14 @@ at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight,
   const auto w = weight.to(at::kFloat).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).reshape({1}).contiguous() : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(st, "router_logits_cuda",
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, [&] {
-                       router_logits_kernel<scalar_t><<<blocks_for((n_rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                                                        dim3(32, kRowsPerBlock), 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                           b.defined() ? b.const_data_ptr<float>() : nullptr,
-                           out.mutable_data_ptr<float>(), n_rows, x.size(1), x.size(2), x.stride(0),
-                           x.stride(1), x.stride(2));
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     })
-                     AT_DISPATCH_CASE(at::ScalarType::Half, [&] {
-                       router_logits_kernel<scalar_t><<<blocks_for((n_rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                                                        dim3(32, kRowsPerBlock), 0, stream>>>(
-                           x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                           b.defined() ? b.const_data_ptr<float>() : nullptr,
-                           out.mutable_data_ptr<float>(), n_rows, x.size(1), x.size(2), x.stride(0),
-                           x.stride(1), x.stride(2));
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "router_logits_cuda", [&] {  // bfloat16, float16
+    router_logits_kernel<scalar_t><<<blocks_for((n_rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                                     dim3(32, kRowsPerBlock), 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+        b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), n_rows,
+        x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return out;
 }
 
