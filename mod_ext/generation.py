@@ -36,7 +36,6 @@ layer runs its block on the routed rows only and skips it when none is routed.
 from __future__ import annotations
 
 import math
-import operator
 import weakref
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kv_cache import DenseLayerCache, MoDLayerCache
+from ._args import as_int, as_real
 from .layer import MoDBlock, capacity_for, default_decode_capacity
 from .models import check_token_ids
 
@@ -177,27 +177,12 @@ class GenerationOutput(NamedTuple):
     cache: Optional[MoDKVCache]
 
 
-def as_int(value, name: str, low: int, high: Optional[int] = None, where: str = "generate") -> int:
-    """value as a Python int (numpy and torch integers accepted) in [low, high), else a
-    ValueError that names the argument."""
-    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}")
-    try:
-        i = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}") from None
-    if i < low or (high is not None and i >= high):
-        raise ValueError(f"{where}: {name} must be {expected}, got {i}")
-    return i
-
-
 def normalize_stop_tokens(stop_tokens, pad_token, vocab_size: int) -> Tuple[Optional[List[int]], Optional[int]]:
     """(stop token list or None, pad token) with every id checked against the vocabulary
     [0, vocab_size); a single int is one stop token; pad_token defaults to the first stop
     token."""
     def as_id(v, name):
-        return as_int(v, name, 0, vocab_size)
+        return as_int(v, name, 0, vocab_size, where="generate")
 
     stops = None
     if stop_tokens is not None:
@@ -254,14 +239,10 @@ def allocate_cache(
         ValueError: an argument out of range (the message names it).
     """
     cfg = model.cfg
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"allocate_cache: batch must be an int >= 1, got {batch!r}")
+    batch = as_int(batch, "batch", 1, where="allocate_cache")
     max_len = cfg.block_size if max_len is None else max_len
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.block_size:
-        raise ValueError(
-            f"allocate_cache: max_len must be an int in [1, block_size = {cfg.block_size}] (the rotary "
-            f"table's length), got {max_len!r}"
-        )
+    max_len = as_int(max_len, "max_len (at most block_size, the rotary table's length)", 1, cfg.block_size + 1,
+                     where="allocate_cache")
     if cache_capacity_factor is not None:
         capacity_for(1, cache_capacity_factor)  # validates (ValueError naming capacity_factor)
         if cache_capacity_factor > 1:
@@ -270,10 +251,8 @@ def allocate_cache(
         raise ValueError(f"allocate_cache: static must be True, False or None (device default), got {static!r}")
     if decode_capacity is None:
         decode_capacity = default_decode_capacity(batch, min(1.0, cfg.capacity_factor))
-    if isinstance(decode_capacity, bool) or not isinstance(decode_capacity, int) or not 1 <= decode_capacity <= batch:
-        raise ValueError(
-            f"allocate_cache: decode_capacity must be an int in [1, batch = {batch}], got {decode_capacity!r}"
-        )
+    decode_capacity = as_int(decode_capacity, f"decode_capacity (at most batch = {batch})", 1, batch + 1,
+                             where="allocate_cache")
     p = model.wte.weight  # the cache lives on the model's device, in its dtype
     if static is None:
         static = p.device.type != "cpu"
@@ -590,11 +569,10 @@ def generate(
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.int64:
         got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"generate: idx must be a (B, T) int64 prompt with T >= 1, got {got}")
-    max_new_tokens = as_int(max_new_tokens, "max_new_tokens", 0)
+    max_new_tokens = as_int(max_new_tokens, "max_new_tokens", 0, where="generate")
     if top_k is not None:
-        top_k = as_int(top_k, "top_k", 1)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        top_k = as_int(top_k, "top_k", 1, where="generate")
+    temperature = as_real(temperature, "temperature", "generate", low=0.0, what="a number >= 0 (0 = greedy)")
     if routing not in ("causal", "topk"):
         raise ValueError(f"generate: routing must be 'causal' or 'topk', got {routing!r}")
     check_token_ids(idx, model.cfg.vocab_size, "generate", "idx")
@@ -603,7 +581,7 @@ def generate(
     if pad_token is not None and stop_tokens is None:
         raise ValueError("generate: pad_token only fills the positions after a stop token; pass stop_tokens too")
     stop_tokens, pad_token = normalize_stop_tokens(stop_tokens, pad_token, model.cfg.vocab_size)
-    check_every = as_int(check_every, "check_every", 1)
+    check_every = as_int(check_every, "check_every", 1, where="generate")
     if max_new_tokens == 0:
         return done(idx.clone())
     B, T = idx.shape

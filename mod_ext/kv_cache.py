@@ -27,6 +27,8 @@ from typing import Callable, Optional, Protocol, Tuple, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._args import as_int
+
 __all__ = ["KVWrite", "KVRead", "CachedBlock", "MoDLayerCache", "DenseLayerCache"]
 
 #: ``write(k, v)``: store the rotated keys and values (N, T, n_kv_heads, head_dim) of the
@@ -80,12 +82,6 @@ class CachedBlock(Protocol):
     def forward_cached(self, x: Tensor, positions: Tensor, write: KVWrite, read: KVRead) -> Tensor: ...
 
 
-def _check_int(value, name: str, where: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 class MoDLayerCache:
     """The KV cache of one MoD layer: only its routed tokens, per sequence, in fixed slots.
 
@@ -121,11 +117,11 @@ class MoDLayerCache:
         dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
     ):
         where = "MoDLayerCache"
-        self.batch = _check_int(batch, "batch", where)
-        self.slots = _check_int(slots, "slots", where)
-        self.causal_capacity = _check_int(causal_capacity, "causal_capacity", where)
-        _check_int(n_kv_heads, "n_kv_heads", where)
-        _check_int(head_dim, "head_dim", where)
+        self.batch = as_int(batch, "batch", 1, where=where)
+        self.slots = as_int(slots, "slots", 1, where=where)
+        self.causal_capacity = as_int(causal_capacity, "causal_capacity", 1, where=where)
+        as_int(n_kv_heads, "n_kv_heads", 1, where=where)
+        as_int(head_dim, "head_dim", 1, where=where)
         shape = (batch, slots + 1, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -265,10 +261,10 @@ class DenseLayerCache:
         dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
     ):
         where = "DenseLayerCache"
-        self.batch = _check_int(batch, "batch", where)
-        self.max_len = _check_int(max_len, "max_len", where)
-        _check_int(n_kv_heads, "n_kv_heads", where)
-        _check_int(head_dim, "head_dim", where)
+        self.batch = as_int(batch, "batch", 1, where=where)
+        self.max_len = as_int(max_len, "max_len", 1, where=where)
+        as_int(n_kv_heads, "n_kv_heads", 1, where=where)
+        as_int(head_dim, "head_dim", 1, where=where)
         shape = (batch, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

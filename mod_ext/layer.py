@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import MoDLayerCache
+from ._args import as_int
 from .ops import gather_tokens, router_logits, scatter_add_weighted, scatter_add_weighted_, threshold_route, topk_route
 
 __all__ = [
@@ -490,14 +491,6 @@ class MoDPredictor(nn.Module):
         return router_aux_loss(self(x), indices, valid)
 
 
-def _check_positive_int(value, name: str, where: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
 class MoDBlock(nn.Module):
     """Turn a transformer block into a Mixture-of-Depths block in one line.
 
@@ -553,9 +546,9 @@ class MoDBlock(nn.Module):
         block_returns_residual: bool = False,
     ):
         super().__init__()
-        _check_positive_int(d_model, "d_model", "MoDBlock")
-        _check_positive_int(max_seq_len, "max_seq_len", "MoDBlock", allow_none=True)
-        _check_positive_int(predictor_hidden, "predictor_hidden", "MoDBlock", allow_none=True)
+        d_model = as_int(d_model, "d_model", 1, where="MoDBlock")
+        max_seq_len = as_int(max_seq_len, "max_seq_len", 1, where="MoDBlock", allow_none=True)
+        predictor_hidden = as_int(predictor_hidden, "predictor_hidden", 1, where="MoDBlock", allow_none=True)
         if causal_router not in ("predictor", "router"):
             raise ValueError(f"MoDBlock: causal_router must be 'predictor' or 'router', got {causal_router!r}")
         if router_activation not in ("sigmoid", "identity"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import KVRead, KVWrite
+from ._args import as_int, is_real
 from .layer import MoDBlock, MoDBlockOutput, capacity_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,14 +42,6 @@ __all__ = [
     "apply_rotary",
     "check_token_ids",
 ]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -75,23 +67,21 @@ class ModelConfig:
     rope_base: float = 10000.0  # rotary frequency base, > 1
 
     def __post_init__(self):
+        # NumPy and other integer scalars are stored as Python ints (so configs compare,
+        # print and serialise as users expect).
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {v!r}")
+            setattr(self, name, as_int(getattr(self, name), name, 1, where="ModelConfig"))
         for name in ("mlp_hidden", "predictor_hidden"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ValueError(f"ModelConfig: {name} must be an int >= 1 or None, got {v!r}")
-        if self.mod_every is not None and (not _is_int(self.mod_every) or self.mod_every < 0):
-            raise ValueError(f"ModelConfig: mod_every must be an int >= 0 or None (dense), got {self.mod_every!r}")
+            setattr(self, name, as_int(getattr(self, name), name, 1, where="ModelConfig", allow_none=True))
+        self.mod_every = as_int(self.mod_every, "mod_every (0 or None: dense)", 0, where="ModelConfig",
+                                allow_none=True)
         c = self.capacity_factor
-        if not _is_real(c) or not math.isfinite(c) or not 0 < c <= 1:
+        if not is_real(c) or not math.isfinite(c) or not 0 < c <= 1:
             raise ValueError(f"ModelConfig: capacity_factor must be a number in (0, 1], got {c!r}")
         w = self.aux_loss_weight
-        if not _is_real(w) or not math.isfinite(w) or w < 0:
+        if not is_real(w) or not math.isfinite(w) or w < 0:
             raise ValueError(f"ModelConfig: aux_loss_weight must be a finite number >= 0, got {w!r}")
-        if not _is_real(self.rope_base) or not math.isfinite(self.rope_base) or self.rope_base <= 1:
+        if not is_real(self.rope_base) or not math.isfinite(self.rope_base) or self.rope_base <= 1:
             raise ValueError(f"ModelConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
         if self.router_activation not in ("sigmoid", "identity"):
             raise ValueError(
