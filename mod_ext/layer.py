@@ -342,6 +342,11 @@ def mod_block(
     router_bias = _as_bias(router_bias)
     capacity = _check_capacity(capacity)
     _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation)
+    if not callable(block_fn):
+        raise ValueError(f"mod_ext.mod_block: block_fn must be callable as block_fn(x_sel, positions, "
+                         f"slot_mask), got {type(block_fn).__name__}")
+    if not isinstance(inplace, bool):
+        raise ValueError(f"mod_ext.mod_block: inplace must be True or False, got {inplace!r}")
     if inplace:
         _check_inplace("mod_ext.mod_block", x)
     S = x.shape[1]

@@ -398,6 +398,13 @@ class MoDTransformer(nn.Module):
             got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"MoDTransformer: targets must be an int64 tensor of shape (B, T) = {tuple(idx.shape)}, "
                              f"got {got}")
+        if targets is not None and targets.device.type == "cpu" and not torch.compiler.is_compiling():
+            # As for idx: free on the CPU, a host sync elsewhere (there cross_entropy's own
+            # device-side check reports it).
+            bad = (targets != -100) & ((targets < 0) | (targets >= self.cfg.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"MoDTransformer: targets must be token ids in [0, vocab_size = "
+                                 f"{self.cfg.vocab_size}) or -100 (ignored), got {int(targets[bad][0])}")
         if valid is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
             mod_positions = None

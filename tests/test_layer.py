@@ -1388,3 +1388,11 @@ def test_default_decode_capacity():
         mod_ext.default_decode_capacity(0, 0.125)
     with pytest.raises(ValueError, match="capacity_factor"):
         mod_ext.default_decode_capacity(4, 1.5)
+
+
+def test_mod_block_block_fn_and_inplace_types():
+    x, rw = torch.randn(2, 8, 4), torch.randn(4)
+    with pytest.raises(ValueError, match="block_fn must be callable"):
+        mod_ext.mod_block(x, rw, None)
+    with torch.no_grad(), pytest.raises(ValueError, match="inplace must be True or False, got 'yes'"):
+        mod_ext.mod_block(x, rw, _tanh_block, inplace="yes")

@@ -393,3 +393,16 @@ def test_model_config_valid_edges():
     assert tiny_cfg(mod_every=None, aux_loss_weight=0).aux_loss_weight == 0
     with pytest.raises(ValueError, match="MoDTransformer: cfg must be a ModelConfig"):
         MoDTransformer(dict(vocab_size=8))
+
+
+def test_out_of_vocabulary_targets_name_the_argument():
+    model = make_model()
+    idx = torch.randint(0, 64, (2, 8))
+    for bad in (64, -1, 300):
+        targets = idx.clone()
+        targets[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"targets must be token ids in \[0, vocab_size = 64\) or -100 .* got {bad}"):
+            model(idx, targets)
+    targets = idx.clone()
+    targets[0, :2] = -100  # ignored positions stay allowed
+    assert torch.isfinite(model(idx, targets).loss)
