@@ -82,7 +82,31 @@ class CachedBlock(Protocol):
     def forward_cached(self, x: Tensor, positions: Tensor, write: KVWrite, read: KVRead) -> Tensor: ...
 
 
-class MoDLayerCache:
+class _LayerKV:
+    """Keys and values (B, entries, n_kv_heads, head_dim) of one layer: what the MoD and
+    the dense layer caches share (allocation, argument checks, dtype, device, bytes)."""
+
+    def __init__(self, where: str, batch: int, entries: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: Optional[torch.device]):
+        self.batch = as_int(batch, "batch", 1, where=where)
+        shape = (self.batch, entries, as_int(n_kv_heads, "n_kv_heads", 1, where=where),
+                 as_int(head_dim, "head_dim", 1, where=where))
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def _kv_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class MoDLayerCache(_LayerKV):
     """The KV cache of one MoD layer: only its routed tokens, per sequence, in fixed slots.
 
     Args:
@@ -117,20 +141,15 @@ class MoDLayerCache:
         dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
     ):
         where = "MoDLayerCache"
-        self.batch = as_int(batch, "batch", 1, where=where)
         self.slots = as_int(slots, "slots", 1, where=where)
         self.causal_capacity = as_int(causal_capacity, "causal_capacity", 1, where=where)
-        as_int(n_kv_heads, "n_kv_heads", 1, where=where)
-        as_int(head_dim, "head_dim", 1, where=where)
-        shape = (batch, slots + 1, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.fill = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.drops = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.overflow = torch.zeros(batch, dtype=torch.int64, device=device)
+        super().__init__(where, batch, self.slots + 1, n_kv_heads, head_dim, dtype, device)
+        self.fill = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        self.drops = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        self.overflow = torch.zeros(self.batch, dtype=torch.int64, device=device)
         # Constants kept here so a captured step allocates nothing per call.
-        self._rows = torch.arange(batch, device=device)
-        self._slot_arange = torch.arange(slots + 1, device=device)
+        self._rows = torch.arange(self.batch, device=device)
+        self._slot_arange = torch.arange(self.slots + 1, device=device)
 
     @property
     def limit(self) -> int:
@@ -141,14 +160,6 @@ class MoDLayerCache:
     def scratch(self) -> int:
         """Index of the scratch slot (= slots)."""
         return self.slots
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
 
     def reset(self) -> None:
         """Forget every sequence (in place; keys/values are left, they are masked out)."""
@@ -233,12 +244,10 @@ class MoDLayerCache:
 
     def bytes_per_seq(self) -> int:
         """Bytes of keys + values + fill count per sequence, scratch slot included."""
-        n = self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-        n += self.fill.numel() * self.fill.element_size()
-        return n // self.batch
+        return (self._kv_bytes() + self.fill.numel() * self.fill.element_size()) // self.batch
 
 
-class DenseLayerCache:
+class DenseLayerCache(_LayerKV):
     """The KV cache of one dense layer: every column of B sequences of up to max_len columns.
 
     Args:
@@ -260,22 +269,8 @@ class DenseLayerCache:
         self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
         dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
     ):
-        where = "DenseLayerCache"
-        self.batch = as_int(batch, "batch", 1, where=where)
-        self.max_len = as_int(max_len, "max_len", 1, where=where)
-        as_int(n_kv_heads, "n_kv_heads", 1, where=where)
-        as_int(head_dim, "head_dim", 1, where=where)
-        shape = (batch, max_len, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
+        self.max_len = as_int(max_len, "max_len", 1, where="DenseLayerCache")
+        super().__init__("DenseLayerCache", batch, self.max_len, n_kv_heads, head_dim, dtype, device)
 
     def reset(self) -> None:
         """Nothing to forget (the caller's key mask says which columns are real)."""
@@ -307,4 +302,4 @@ class DenseLayerCache:
 
     def bytes_per_seq(self) -> int:
         """Bytes of keys + values per sequence."""
-        return (self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()) // self.batch
+        return self._kv_bytes() // self.batch
