@@ -50,11 +50,8 @@ router_logits_kernel(const scalar_t* __restrict__ x, const float* __restrict__ w
 
 at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
-  check_router_logits_args(x, weight, bias);
-  const auto st = x.scalar_type();
-  if (st == at::kFloat || st == at::kDouble) return router_logits_matmul(x, weight, bias);
-  MOD_CHECK(st == at::kBFloat16 || st == at::kHalf,
-            "router_logits: x must be float32, float64, bfloat16 or float16, got ", st);
+  if (auto out = router_logits_checked_or_matmul(x, weight, bias); out.defined()) return out;
+  const auto st = x.scalar_type();  // bfloat16 or float16
   const at::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
   const int64_t n_rows = out.numel();
