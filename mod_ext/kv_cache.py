@@ -31,9 +31,11 @@ from ._args import as_int
 
 __all__ = ["KVWrite", "KVRead", "CachedBlock", "MoDLayerCache", "DenseLayerCache"]
 
-#: ``write(k, v)``: store the rotated keys and values (N, T, n_kv_heads, head_dim) of the
-#: T tokens a block call processes (see :class:`CachedBlock`).
-KVWrite = Callable[[Tensor, Tensor], None]
+#: ``write(k, v, positions=None)``: store the rotated keys and values (N, T, n_kv_heads,
+#: head_dim) of the T tokens a block call processes, and optionally their true positions
+#: (N, T) int64 (a MoD layer's cache keeps them, for sliding-window attention over the
+#: routed tokens; see :class:`CachedBlock`).
+KVWrite = Callable[..., None]
 #: ``read() -> (keys (N, L, n_kv_heads, head_dim), values (N, L, n_kv_heads, head_dim),
 #: key_mask (N, L) bool)``: the cache entries a new token attends to (see :class:`CachedBlock`).
 KVRead = Callable[[], Tuple[Tensor, Tensor, Tensor]]
@@ -131,6 +133,9 @@ class MoDLayerCache(_LayerKV):
         overflow: (B,) int64, the drops a full recompute would not make (a cache
             smaller than K filled up, or the decode capacity ran out). While it is 0,
             decoding through this cache gives a full recompute's result.
+        positions: (B, slots + 1) int64, the true positions of the cached tokens, where
+            the block passed them to ``write`` (0 elsewhere); a padding slot writes its
+            own position to the scratch slot.
 
     Raises:
         ValueError: an argument out of range (the message names it).
@@ -147,6 +152,7 @@ class MoDLayerCache(_LayerKV):
         self.fill = torch.zeros(self.batch, dtype=torch.int64, device=device)
         self.drops = torch.zeros(self.batch, dtype=torch.int64, device=device)
         self.overflow = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(self.batch, self.slots + 1, dtype=torch.int64, device=device)
         # Constants kept here so a captured step allocates nothing per call.
         self._rows = torch.arange(self.batch, device=device)
         self._slot_arange = torch.arange(self.slots + 1, device=device)
@@ -179,9 +185,11 @@ class MoDLayerCache(_LayerKV):
         slot = torch.where(slot_mask, slot_mask.long().cumsum(1) - 1, torch.full_like(slot_mask, self.scratch, dtype=torch.int64))
         rows = self._rows[:, None].expand(B, C)
 
-        def write(k: Tensor, v: Tensor) -> None:  # (B, C, n_kv_heads, head_dim)
+        def write(k: Tensor, v: Tensor, positions: Optional[Tensor] = None) -> None:  # (B, C, n_kv_heads, head_dim)
             self.k[rows, slot] = k
             self.v[rows, slot] = v
+            if positions is not None:  # (B, C)
+                self.positions[rows, slot] = positions
 
         return write
 
@@ -228,9 +236,11 @@ class MoDLayerCache(_LayerKV):
         fill_sel = self.fill.gather(0, rows)  # (n,) before this token
         slot = torch.where(row_mask, fill_sel, self.scratch)
 
-        def write(k: Tensor, v: Tensor) -> None:  # (n, 1, n_kv_heads, head_dim)
+        def write(k: Tensor, v: Tensor, positions: Optional[Tensor] = None) -> None:  # (n, 1, n_kv_heads, head_dim)
             self.k[rows, slot] = k[:, 0]
             self.v[rows, slot] = v[:, 0]
+            if positions is not None:  # (n, 1)
+                self.positions[rows, slot] = positions[:, 0]
             self.fill.scatter_add_(0, rows, row_mask.long())
 
         def read() -> Tuple[Tensor, Tensor, Tensor]:
@@ -245,6 +255,38 @@ class MoDLayerCache(_LayerKV):
     def bytes_per_seq(self) -> int:
         """Bytes of keys + values + fill count per sequence, scratch slot included."""
         return (self._kv_bytes() + self.fill.numel() * self.fill.element_size()) // self.batch
+
+    # ---------------------------------------------------------------- reshaping (eager)
+
+    def _copy_into(self, new: "MoDLayerCache", index: Optional[Tensor]) -> "MoDLayerCache":
+        n = min(self.slots, new.slots)  # cache slots carried over (the scratch slot is not)
+        take = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
+        new.k[:, :n] = take(self.k[:, :n])
+        new.v[:, :n] = take(self.v[:, :n])
+        new.positions[:, :n] = take(self.positions[:, :n])
+        for name in ("fill", "drops", "overflow"):
+            getattr(new, name).copy_(take(getattr(self, name)))
+        return new
+
+    def resized(self, slots: int) -> "MoDLayerCache":
+        """A copy with ``slots`` cache slots (>= every sequence's fill), the same sequences.
+
+        For caches that grow as they fill (the Hugging Face integration's dynamic cache
+        layer); a static decode loop never calls it. Eager: it allocates.
+
+        Raises:
+            ValueError: slots not an int >= 1.
+        """
+        new = MoDLayerCache(self.batch, slots, self.causal_capacity, self.k.shape[2], self.k.shape[3],
+                            dtype=self.dtype, device=self.device)
+        return self._copy_into(new, None)
+
+    def select_batch(self, index: Tensor) -> "MoDLayerCache":
+        """A copy holding the sequences ``index`` ((B',) int64) in that order (beam
+        search reordering, batch repetition or selection). Eager: it allocates."""
+        new = MoDLayerCache(int(index.numel()), self.slots, self.causal_capacity, self.k.shape[2],
+                            self.k.shape[3], dtype=self.dtype, device=self.device)
+        return self._copy_into(new, index.to(self.device))
 
 
 class DenseLayerCache(_LayerKV):

@@ -66,6 +66,19 @@ __all__ = [
 
 BlockFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 ROUTING_MODES = ("topk", "causal")
+#: router weight r = act(z) of a routed token's router logit z: "sigmoid" (bounded, in
+#: (0, 1)), "scaled_sigmoid" (2 * sigmoid(z), in (0, 2) and exactly 1 at z = 0, so a
+#: zero-initialised router leaves the block's update unchanged: what mod_ext.hf.convert
+#: uses on pretrained models) or "identity" (the paper's raw scalar r = z).
+ROUTER_ACTIVATIONS = ("sigmoid", "scaled_sigmoid", "identity")
+
+
+def _router_weights(logits: Tensor, router_activation: str) -> Tensor:
+    if router_activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if router_activation == "scaled_sigmoid":
+        return 2.0 * torch.sigmoid(logits)
+    return logits
 
 
 class MoDOutput(NamedTuple):
@@ -227,9 +240,9 @@ def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing,
         got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
         raise ValueError(f"mod_ext.mod_block: valid must be a bool tensor of shape (B, S) = ({B}, {S}), got {got}")
     _check_routing(routing, "mod_ext.mod_block")
-    if router_activation not in ("sigmoid", "identity"):
+    if router_activation not in ROUTER_ACTIVATIONS:
         raise ValueError(
-            f"mod_ext.mod_block: router_activation must be 'sigmoid' or 'identity', got {router_activation!r}"
+            f"mod_ext.mod_block: router_activation must be one of {ROUTER_ACTIVATIONS}, got {router_activation!r}"
         )
     if scores is not None:
         if routing != "causal":
@@ -252,7 +265,7 @@ def _apply(x: Tensor, router_logits: Tensor, indices: Tensor, slot_mask: Tensor,
            router_activation: str, inplace: bool, where: str) -> MoDOutput:
     """Router weights, gather, block, scatter: ``x' = x + r * f(x~)`` on the slots (B, C)."""
     logits_sel = router_logits.gather(1, indices)  # (B, C)
-    r = torch.sigmoid(logits_sel) if router_activation == "sigmoid" else logits_sel
+    r = _router_weights(logits_sel, router_activation)
     r = torch.where(slot_mask, r, 0.0)  # padding slots: router weight 0
 
     x_sel = gather_tokens(x, indices)  # (B, C, D)
@@ -314,8 +327,9 @@ def mod_block(
         router_bias: optional scalar bias added to the router logits (a 1-element
             tensor, differentiable, or a Python number).
         valid: optional (B, S) bool tensor; invalid tokens are never routed (padding).
-        router_activation: "sigmoid" (bounded router weight) or "identity" (the
-            paper's raw scalar ``r = w_r . x``).
+        router_activation: "sigmoid" (bounded router weight), "scaled_sigmoid"
+            (``2 * sigmoid(z)``: 1 at logit 0, so a zero router changes nothing) or
+            "identity" (the paper's raw scalar ``r = w_r . x``).
         routing: "topk" (expert-choice top-k over the sequence; training) or "causal"
             (first come first served by ``scores > 0``, at most C per row; sampling;
             the op is :func:`mod_ext.threshold_route`). For a decision that does not
@@ -524,10 +538,12 @@ class MoDBlock(nn.Module):
     checkpointing, and it never modifies its input unless ``inplace=True``.
 
     Args:
-        block: the residual function f.
+        block: the residual function f, or None when every call passes its own
+            ``block=`` (the Hugging Face integration does: its block is a view of a
+            decoder layer built per call).
         d_model: D (an int >= 1).
         capacity_factor: c (paper: 0.125).
-        router_activation: "sigmoid" or "identity".
+        router_activation: "sigmoid", "scaled_sigmoid" or "identity" (see :func:`mod_block`).
         causal_router: "predictor" or "router".
         max_seq_len: the longest input (an int >= 1); it fixes the causal capacity,
             and causal mode requires it (ValueError otherwise).
@@ -556,9 +572,9 @@ class MoDBlock(nn.Module):
         predictor_hidden = as_int(predictor_hidden, "predictor_hidden", 1, where="MoDBlock", allow_none=True)
         if causal_router not in ("predictor", "router"):
             raise ValueError(f"MoDBlock: causal_router must be 'predictor' or 'router', got {causal_router!r}")
-        if router_activation not in ("sigmoid", "identity"):
+        if router_activation not in ROUTER_ACTIVATIONS:
             raise ValueError(
-                f"MoDBlock: router_activation must be 'sigmoid' or 'identity', got {router_activation!r}"
+                f"MoDBlock: router_activation must be one of {ROUTER_ACTIVATIONS}, got {router_activation!r}"
             )
         capacity_for(1, capacity_factor)  # validates capacity_factor
         self.block = block
@@ -575,16 +591,27 @@ class MoDBlock(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _block_fn(self, positions: Optional[Tensor], write=None) -> BlockFn:
+    def _block(self, block, where: str):
+        """The block of one call: ``block`` when given, else the module's own."""
+        block = self.block if block is None else block
+        if block is None or not callable(block):
+            raise ValueError(
+                f"{where}: no block to run: this MoDBlock was built with block=None, so every call needs "
+                "block=... (a callable with the block protocol, mod_ext.kv_cache.CachedBlock)"
+            )
+        return block
+
+    def _block_fn(self, positions: Optional[Tensor], write=None, block=None) -> BlockFn:
         """The block as a mod_block block_fn; positions (B, S) are gathered at the
         routed indices (None: the indices are the positions)."""
+        block = self.block if block is None else block
 
         def f(x_sel: Tensor, indices: Tensor, slot_mask: Tensor) -> Tensor:
             pos = indices if positions is None else positions.gather(1, indices)
             if write is None:
-                out = self.block(x_sel, pos, slot_mask)
+                out = block(x_sel, pos, slot_mask)
             else:
-                out = self.block(x_sel, pos, slot_mask, write(slot_mask))
+                out = block(x_sel, pos, slot_mask, write(slot_mask))
             return out - x_sel if self.block_returns_residual else out
 
         return f
@@ -642,6 +669,7 @@ class MoDBlock(nn.Module):
         positions: Optional[Tensor] = None,
         *,
         inplace: bool = False,
+        block=None,
     ) -> MoDBlockOutput:
         """One MoD layer over full sequences (training, evaluation, causal recompute).
 
@@ -654,6 +682,10 @@ class MoDBlock(nn.Module):
                 rows: the block then gets ``positions.gather(1, indices)``.
             inplace: see :func:`mod_block` (inference only; default False: x is
                 never modified).
+            block: the block of this call, instead of the module's own (e.g. the
+                Hugging Face integration, whose block is built per call from the
+                decoder layer's arguments); required when the module was built with
+                ``block=None``.
 
         Returns:
             :class:`MoDBlockOutput` ``(output (B, S, D), aux_loss (scalar in topk mode,
@@ -667,7 +699,7 @@ class MoDBlock(nn.Module):
         _check_routing(mode, "MoDBlock")
         self._check_x(x, "MoDBlock")
         self._check_positions(positions, x.shape[:2], "MoDBlock")
-        block_fn = self._block_fn(positions)
+        block_fn = self._block_fn(positions, block=self._block(block, "MoDBlock"))
         pred = self.predictor(x) if self.predictor is not None else None  # (B, S), x detached
         if mode == "topk":
             out = mod_block(
@@ -690,16 +722,16 @@ class MoDBlock(nn.Module):
 
     # ------------------------------------------------------------------ sampling
 
-    def _check_cache(self, cache, where: str, batch: int, x: Tensor) -> None:
+    def _check_cache(self, cache, where: str, batch: int, x: Tensor, block) -> None:
         if not isinstance(cache, MoDLayerCache):
             raise ValueError(f"{where}: cache must be a mod_ext.kv_cache.MoDLayerCache, got {type(cache).__name__}")
         if cache.batch != batch:
             raise ValueError(f"{where}: x has batch {batch}, the cache was allocated for batch {cache.batch}")
         if cache.device != x.device:
             raise ValueError(f"{where}: x is on {x.device}, the cache on {cache.device}")
-        if not callable(getattr(self.block, "forward_cached", None)):
+        if not callable(getattr(block, "forward_cached", None)):
             raise ValueError(
-                f"{where}: the block ({type(self.block).__name__}) does not implement the block protocol "
+                f"{where}: the block ({type(block).__name__}) does not implement the block protocol "
                 "(mod_ext.kv_cache.CachedBlock: block(x, positions, slot_mask, write) and "
                 "block.forward_cached(x, positions, write, read))"
             )
@@ -712,6 +744,7 @@ class MoDBlock(nn.Module):
         positions: Optional[Tensor] = None,
         *,
         inplace: bool = False,
+        block=None,
     ) -> MoDBlockOutput:
         """Causal routing over a prompt, caching the routed tokens' keys and values.
 
@@ -728,6 +761,7 @@ class MoDBlock(nn.Module):
             valid: optional (B, T) bool, False for (left) padding.
             positions: optional (B, T) int64 true positions (default ``arange(T)``).
             inplace: see :func:`mod_block`.
+            block: the block of this call (see :meth:`forward`).
 
         Returns:
             :class:`MoDBlockOutput` (aux_loss None).
@@ -739,12 +773,13 @@ class MoDBlock(nn.Module):
         where = "MoDBlock.prefill"
         self._check_x(x, where)
         B, T, _ = x.shape
-        self._check_cache(cache, where, B, x)
+        block = self._block(block, where)
+        self._check_cache(cache, where, B, x, block)
         self._check_positions(positions, (B, T), where)
         C = min(self.causal_capacity(T), cache.limit)
         scores = self.causal_scores(x)  # (B, T)
         out = mod_block(
-            x, self.router_weight, self._block_fn(positions, cache.prefill_write), capacity=C,
+            x, self.router_weight, self._block_fn(positions, cache.prefill_write, block), capacity=C,
             router_bias=self.router_bias, valid=valid, router_activation=self.router_activation,
             routing="causal", scores=scores if self.predictor is not None else None, inplace=inplace,
         )
@@ -764,6 +799,7 @@ class MoDBlock(nn.Module):
         decode_capacity: Optional[int] = None,
         static: bool = True,
         inplace: bool = False,
+        block=None,
     ) -> Tensor:
         """One decode step of B sequences: each gets one new token, routed causally.
 
@@ -792,6 +828,7 @@ class MoDBlock(nn.Module):
                 path is always taken.
             inplace: see :func:`mod_block` (the decode loop of
                 :mod:`mod_ext.generation` passes True under no_grad).
+            block: the block of this call (see :meth:`forward`).
 
         Returns:
             (B, 1, D) the new tokens after the layer.
@@ -805,7 +842,8 @@ class MoDBlock(nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{where}: x must have shape (B, 1, D) with D = d_model = {self.d_model}, got {got}")
         B, _, D = x.shape
-        self._check_cache(cache, where, B, x)
+        block = self._block(block, where)
+        self._check_cache(cache, where, B, x, block)
         self._check_positions(positions, (B, 1), where)
         if decode_capacity is None:
             decode_capacity = default_decode_capacity(B, min(1.0, float(self.capacity_factor)))
@@ -840,7 +878,7 @@ class MoDBlock(nn.Module):
 
         def block_fn(x_sel: Tensor, indices: Tensor, mask: Tensor) -> Tensor:  # (1, n, D)
             xs = x_sel.view(n, 1, D)
-            f = self.block.forward_cached(xs, pos_sel, write, read)  # (n, 1, D)
+            f = block.forward_cached(xs, pos_sel, write, read)  # (n, 1, D)
             if self.block_returns_residual:
                 f = f - xs
             return f.reshape(1, n, D)

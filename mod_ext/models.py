@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .kv_cache import KVRead, KVWrite
 from ._args import as_int, is_real
-from .layer import MoDBlock, MoDBlockOutput, capacity_for
+from .layer import ROUTER_ACTIVATIONS, MoDBlock, MoDBlockOutput, capacity_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .generation import MoDKVCache
@@ -60,7 +60,7 @@ class ModelConfig:
     mlp_hidden: Optional[int] = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 32
     capacity_factor: float = 0.125  # fraction of tokens a MoD layer processes, in (0, 1] (paper: 0.125)
     mod_every: Optional[int] = 2  # layer i is MoD when i % mod_every == mod_every - 1; 0/None = dense
-    router_activation: str = "sigmoid"  # "sigmoid" (bounded) or "identity" (paper's raw scalar)
+    router_activation: str = "sigmoid"  # one of mod_ext.layer.ROUTER_ACTIVATIONS
     causal_router: str = "predictor"  # what routes in causal mode: "predictor" or "router" (aux loss)
     aux_loss_weight: float = 0.1  # weight of the MoD layers' aux loss (predictor BCE or router BCE), >= 0
     predictor_hidden: Optional[int] = None  # predictor MLP width; None = max(16, d_model // 4)
@@ -83,9 +83,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: aux_loss_weight must be a finite number >= 0, got {w!r}")
         if not is_real(self.rope_base) or not math.isfinite(self.rope_base) or self.rope_base <= 1:
             raise ValueError(f"ModelConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
-        if self.router_activation not in ("sigmoid", "identity"):
+        if self.router_activation not in ROUTER_ACTIVATIONS:
             raise ValueError(
-                f"ModelConfig: router_activation must be 'sigmoid' or 'identity', got {self.router_activation!r}"
+                f"ModelConfig: router_activation must be one of {ROUTER_ACTIVATIONS}, got {self.router_activation!r}"
             )
         if self.causal_router not in ("predictor", "router"):
             raise ValueError(f"ModelConfig: causal_router must be 'predictor' or 'router', got {self.causal_router!r}")

@@ -63,7 +63,12 @@ def mod_block_ref(
         src = logits if scores is None else scores
         idx, mask = R.threshold_route_ref(src.detach().float(), capacity, valid)
     z = logits.gather(1, idx)
-    r = torch.sigmoid(z) if router_activation == "sigmoid" else z
+    if router_activation == "sigmoid":
+        r = torch.sigmoid(z)
+    elif router_activation == "scaled_sigmoid":
+        r = 2 * torch.sigmoid(z)
+    else:
+        r = z
     r = torch.where(mask, r, torch.zeros_like(r))  # padding slots: weight 0
     x_sel = R.gather_tokens_ref(x, idx)
     f = block_fn(x_sel, idx, mask).to(x.dtype)
@@ -118,7 +123,7 @@ LAYER_DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_valid", [False, True], ids=["no_valid", "valid"])
-@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("activation", ["sigmoid", "scaled_sigmoid", "identity"])
 @pytest.mark.parametrize("routing", ["topk", "causal", "causal_scores"])
 @pytest.mark.parametrize("dtype", LAYER_DTYPES, ids=dtype_id)
 def test_mod_block_matches_reference(dtype, routing, activation, use_valid, device):
@@ -1252,7 +1257,7 @@ def test_mod_block_bad_args(device):
         mod_ext.mod_block(x, rw, _tanh_block, routing="sample")
     with pytest.raises(ValueError, match="routing='threshold' was renamed to routing='causal'"):
         mod_ext.mod_block(x, rw, _tanh_block, routing="threshold")
-    with pytest.raises(ValueError, match="router_activation must be 'sigmoid' or 'identity'"):
+    with pytest.raises(ValueError, match="router_activation must be one of"):
         mod_ext.mod_block(x, rw, _tanh_block, router_activation="softmax")
     with pytest.raises(ValueError, match="scores are only used with routing='causal'"):
         mod_ext.mod_block(x, rw, _tanh_block, scores=torch.randn(2, 8, device=device))
