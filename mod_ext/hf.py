@@ -192,16 +192,26 @@ def _mod_layers(model) -> List[nn.Module]:
     return [m for m in _find_converted(model).modules() if isinstance(m, _MoDDecoderLayerMixin)]
 
 
-@functools.lru_cache(maxsize=None)
+# Per-class look-ups, filled at convert time (plain dicts: torch.compile traces a dict read).
+_CACHE_KWARG: Dict[type, str] = {}
+_POSITIONAL: Dict[type, tuple] = {}
+
+
 def _cache_kwarg(attn_cls: type) -> str:
     """The attention module's cache keyword: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    params = inspect.signature(attn_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    if attn_cls not in _CACHE_KWARG:
+        params = inspect.signature(attn_cls.forward).parameters
+        _CACHE_KWARG[attn_cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[attn_cls]
 
 
-@functools.lru_cache(maxsize=None)
-def _signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
+def _positional(cls: type) -> tuple:
+    """Names of a decoder layer's forward parameters after hidden_states that a caller may
+    pass positionally (GPT-2's model passes the cache and mask positionally)."""
+    if cls not in _POSITIONAL:
+        params = list(inspect.signature(cls.forward).parameters.values())[2:]  # self, hidden_states
+        _POSITIONAL[cls] = tuple(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return _POSITIONAL[cls]
 
 
 def _window(layer: nn.Module, fam: _Family) -> Optional[int]:
@@ -538,34 +548,33 @@ class _LayerBlock:
 # ------------------------------------------------------------------------------------ layers
 
 
-_NAMED = ("attention_mask", "position_ids", "position_embeddings", "use_cache", "cache", "past_key_values",
-          "layer_past", "cache_position")
-
-
 class _MoDDecoderLayerMixin:
     """The forward of a converted decoder layer (placed before the layer's class)."""
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         collector = kwargs.pop(_AUX_KWARG, None)
-        base = self._mod_ext_base
-        bound = _signature(base).bind(self, hidden_states, *args, **kwargs)
-        a = dict(bound.arguments)
-        extra = dict(a.pop("kwargs", {}) or {})
-        a.pop("self", None)
-        a.pop("hidden_states", None)
+        names = _positional(self._mod_ext_base)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.forward got {len(args) + 1} positional arguments, takes at most "
+                            f"{len(names) + 1}")
+        a = dict(kwargs)
+        for name, value in zip(names, args):
+            a[name] = value
         mask = a.pop("attention_mask", None)
         position_ids = a.pop("position_ids", None)
         pe = a.pop("position_embeddings", None)
-        cache = a.pop("cache", None) or a.pop("past_key_values", None) or extra.pop("past_key_values", None) \
-            or extra.pop("cache", None)
+        cache = None
+        for k in ("cache", "past_key_values", "layer_past"):  # the keyword was renamed in transformers 5.24
+            v = a.pop(k, None)
+            cache = v if cache is None else cache
         a.pop("use_cache", None)
-        extra.pop("use_cache", None)
+        a.pop("cache_position", None)
         if a.pop("encoder_hidden_states", None) is not None:
             raise NotImplementedError("mod_ext.hf: MoD layers do not support cross-attention (encoder_hidden_states)")
-        if a.pop("output_attentions", None) or extra.pop("output_attentions", None):
+        a.pop("encoder_attention_mask", None)
+        if a.pop("output_attentions", None):
             raise NotImplementedError("mod_ext.hf: output_attentions is not supported on MoD layers")
-        for k in _NAMED:
-            extra.pop(k, None)
+        extra = a  # what newer transformers pass on (e.g. attention kwargs): handed to the attention module
         x = hidden_states
         B, T, _ = x.shape
         fam = self._mod_ext_family
@@ -806,6 +815,7 @@ def convert(
             mod.router_weight.zero_()
             mod.router_bias.fill_(1.0 if router_activation == "identity" else 0.0)
         mod.to(device=p.device, dtype=p.dtype)
+        _positional(type(layer)), _cache_kwarg(type(attn))  # resolved here, outside any compiled region
         layer.__class__ = _subclass(_MoDDecoderLayerMixin, type(layer))
         layer.mod = mod
         layer._mod_ext_index = i
