@@ -33,6 +33,31 @@ def _run(code: str, cwd: Path, env_extra=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def test_hf_without_transformers_names_the_extra(tmp_path):
+    """Without transformers, `import mod_ext` works and `import mod_ext.hf` says which extra to install."""
+    r = _run(
+        """
+        import importlib.abc, sys
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "transformers":
+                    raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import mod_ext
+        try:
+            import mod_ext.hf
+        except ImportError as e:
+            print("ERR", e)
+        """,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ERR mod_ext.hf needs Hugging Face transformers >= 5.0" in r.stdout and "mod_ext[hf]" in r.stdout
+
+
 def test_pyproject_metadata():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     # An SPDX string (PEP 639): setuptools deprecates the TOML-table form and stops
@@ -46,7 +71,8 @@ def test_pyproject_metadata():
 
 def test_import_without_the_extras(tmp_path):
     """`import mod_ext` and every library module (all but the demo and its corpus loader,
-    which are the [demo] extra) import with numpy, tqdm and matplotlib unavailable."""
+    which are the [demo] extra, and the Hugging Face integration, the [hf] extra, whose
+    transformers needs numpy) import with numpy, tqdm and matplotlib unavailable."""
     r = _run(
         """
         import importlib, importlib.abc, pkgutil, sys
@@ -65,7 +91,7 @@ def test_import_without_the_extras(tmp_path):
         sys.meta_path.insert(0, Blocker())
         import mod_ext
         names = [m.name for m in pkgutil.iter_modules(mod_ext.__path__)
-                 if m.name not in ("demo", "data", "_C")]
+                 if m.name not in ("demo", "data", "_C", "hf", "hf_demo")]
         for n in names:
             importlib.import_module("mod_ext." + n)
         leaked = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
