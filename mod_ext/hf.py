@@ -53,7 +53,9 @@ What :func:`convert` does (docs/MOD_SPEC.md; Raposo et al. 2024, arXiv 2404.0225
 * **Aux loss.** In top-k mode each MoD layer's aux loss trains causal routing: the BCE of
   the predictor logits (or the router logits) against the layer's top-k membership.
   The forward adds ``aux_loss_weight * sum`` to ``out.loss`` when labels are given, so
-  ``transformers.Trainer`` trains the predictor with no code change. It reads the
+  ``transformers.Trainer`` trains the predictor with no code change (with
+  ``num_items_in_batch``, which Trainer passes under gradient accumulation, the aux is
+  weighed by this micro-batch's share of the step's label tokens, as the LM loss is). It reads the
   layer's input with a stop-gradient, so it is exact under both activation-checkpointing
   modes (with ``causal_router="router"`` it trains the router parameters only).
 * **Generation cache.** ``generate`` (and ``model(..., use_cache=True)``) build
@@ -663,6 +665,12 @@ class _MoDCausalLMMixin:
             parts = [router_aux_loss(mod.causal_scores(xd), idx, valid) for mod, xd, idx, valid in
                      (collector[k] for k in sorted(collector))]
             aux = w * torch.stack([p.float() for p in parts]).sum()
+            n_items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+            if n_items is not None and labels is not None:
+                # transformers' loss is then sum / num_items_in_batch (the tokens of all the
+                # micro-batches a step accumulates, Trainer): weigh the aux (a mean over this
+                # micro-batch) by the same share, so accumulation sums it to the step's mean.
+                aux = aux * (labels[..., 1:].ne(-100).sum() / n_items)
         _LAST_AUX[self] = aux
         if aux is not None:
             if isinstance(out, tuple):
