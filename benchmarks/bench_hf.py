@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=None, help="attention heads (default hidden / 64)")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256, byte-level)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 8; quick 4)")
-    p.add_argument("--seq", type=int, default=None, help="training sequence length (default CPU 256, GPU 2048, quick 128)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="training sequence length (default CPU 256, GPU 2048, quick 128)")
     p.add_argument("--gen-batch", default=None, help="comma-separated generate batch sizes (default 1,8,64; quick 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32; quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="max_new_tokens (default 32; quick 8)")
@@ -299,7 +300,8 @@ def main(argv=None):
                           ("prompt", "prompt_len", ""), ("new", "new_tokens", ""), ("ms / step", "step_ms", ".1f"),
                           ("ms / call", "ms", ".1f"), ("tokens / s", "tokens_per_s", ",.1f"),
                           ("MoD / dense time", "vs_dense", ".3f"), ("MoD speedup", "speedup_vs_dense", ".2f"),
-                          ("wanted", "wanted_fraction", ".3f"), ("dropped", "drops_per_layer", ""), ("target", "target", ""), ("status", "status", "")]))
+                          ("wanted", "wanted_fraction", ".3f"), ("dropped", "drops_per_layer", ""),
+                          ("target", "target", ""), ("status", "status", "")]))
     rows.save()
     return rows
 

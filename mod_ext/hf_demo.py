@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 _EXTRA_HINT = (
-    "pip install --no-build-isolation -e \".[hf,demo]\" from the checkout (the [hf] extra: transformers; "
-    "[demo]: numpy, tqdm, matplotlib; transformers.Trainer also needs accelerate: pip install accelerate)"
+    "from the checkout pip install --no-build-isolation -e \".[hf,demo]\" (the [hf] extra: transformers and "
+    "accelerate, which transformers.Trainer needs; [demo]: numpy, tqdm, matplotlib)"
 )
 try:  # the [hf] and [demo] extras: the core package needs only torch
     import accelerate  # noqa: F401  (transformers.Trainer needs it)
@@ -60,7 +60,8 @@ try:  # the [hf] and [demo] extras: the core package needs only torch
     import transformers
 except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
     raise ModuleNotFoundError(
-        f"python -m mod_ext.hf_demo needs the [hf] extra ({e.name} is not installed): {_EXTRA_HINT}", name=e.name
+        f"python -m mod_ext.hf_demo needs the [hf] and [demo] extras ({e.name} is not installed): {_EXTRA_HINT}",
+        name=e.name,
     ) from e
 
 matplotlib.use("Agg")
@@ -68,7 +69,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 
 from . import __version__  # noqa: E402
@@ -465,12 +467,13 @@ def summary_table(report: Dict) -> str:
     ]
     for B in GEN_BATCHES:
         gd, gm = report["generation"]["dense"][str(B)], report["generation"]["mod"][str(B)]
+        ratio = gm["tokens_per_s"] / gd["tokens_per_s"]
         rows.append((f"generate tokens / s, B = {B} (greedy, {gd['new_tokens']} new tokens)",
-                     f"{gd['tokens_per_s']:,.1f}", f"{gm['tokens_per_s']:,.1f} ({gm['tokens_per_s'] / gd['tokens_per_s']:.2f}x)"))
+                     f"{gd['tokens_per_s']:,.1f}", f"{gm['tokens_per_s']:,.1f} ({ratio:.2f}x)"))
         rows.append((f"generate B = {B}: tokens dropped per MoD layer", "-",
                      ", ".join(f"{k}: {v}" for k, v in gm["drops_per_layer"].items())))
-        rows.append((f"generate B = {B}: greedy tokens = argmax of a full recompute", f"{gd['recompute_agreement']:.1%}",
-                     f"{gm['recompute_agreement']:.1%}"))
+        rows.append((f"generate B = {B}: greedy tokens = argmax of a full recompute",
+                     f"{gd['recompute_agreement']:.1%}", f"{gm['recompute_agreement']:.1%}"))
     head = (f"transformers LlamaForCausalLM ({c['n_layer']} layers, hidden {c['hidden']}, {c['n_head']} heads), "
             f"pretrained dense for {c['pretrain_steps']} steps, then dense vs mod_ext.hf.convert(capacity_factor="
             f"{c['capacity_factor']}, every={c['mod_every']}) fine-tuned with transformers.Trainer for the same FLOPs; "
