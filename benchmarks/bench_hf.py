@@ -25,7 +25,8 @@ What is timed:
   layer's predictor bias is set so that about a fraction c of the tokens of that very
   call want the layer (a trained predictor routes about c; a random one about half, or,
   its logits being dominated by the token, none or all of a short sequence), layer by
-  layer, as bench_decode calibrates its predictors. The table gives the fraction of
+  layer, two passes, from the converted model's biases at each batch size, as
+  bench_decode calibrates its predictors. The table gives the fraction of
   tokens that wanted a MoD layer (``wanted``) and the tokens each MoD layer dropped
   (wanted it, got no decode slot: ``decode_capacity`` of B per step, the default).
 
@@ -130,24 +131,32 @@ def build_models(args, device, dtype):
 
 
 @torch.no_grad()
-def calibrate_routing(model, prompts, new_tokens, capacity_factor):
+def calibrate_routing(model, prompts, new_tokens, capacity_factor, biases, passes=2):
     """Set each MoD layer's predictor bias so that about a fraction c of the tokens of the
     greedy generate call on ``prompts`` (prefill and decode) have a predictor logit > 0,
     as a trained predictor routes (a random one routes about half, or, its logits being
-    dominated by the token, none or all of a short sequence). Layer by layer in order,
-    each under the shifts before it (a later shift changes the generated tokens a little,
-    so the final fraction is about c, reported as ``wanted_fraction``); the router is
-    untouched (zero at conversion)."""
-    for i in mod_hf.mod_layer_indices(model):
-        pred = model.model.layers[i].mod.predictor
-        if pred is None:
-            continue
-        seen = []
-        h = pred.register_forward_hook(lambda m, a, out: seen.append(out.detach().float().flatten()))
-        generate_fn(model, prompts, new_tokens, {})()
-        h.remove()
-        q = torch.quantile(torch.cat(seen), 1 - capacity_factor)
-        pred.net[2].bias -= q.to(pred.net[2].bias.dtype)
+    dominated by the token, none or all of a short sequence). Starts from the biases of
+    the converted model (``biases``, so each batch size is calibrated alike), then layer
+    by layer in order, each under the shifts before it, ``passes`` times (a later shift
+    changes the generated tokens a little, so the final fraction is about c, reported as
+    ``wanted_fraction``); the router is untouched (zero at conversion)."""
+    preds = [model.model.layers[i].mod.predictor for i in mod_hf.mod_layer_indices(model)]
+    preds = [p for p in preds if p is not None]
+    for pred, b in zip(preds, biases):
+        pred.net[2].bias.copy_(b)
+    for _ in range(passes):
+        for pred in preds:
+            seen = []
+            h = pred.register_forward_hook(lambda m, a, out: seen.append(out.detach().float().flatten()))
+            generate_fn(model, prompts, new_tokens, {})()
+            h.remove()
+            q = torch.quantile(torch.cat(seen), 1 - capacity_factor)
+            pred.net[2].bias -= q.to(pred.net[2].bias.dtype)
+
+
+def predictor_biases(model):
+    return [m.mod.predictor.net[2].bias.detach().clone() for m in
+            (model.model.layers[i] for i in mod_hf.mod_layer_indices(model)) if m.mod.predictor is not None]
 
 
 def train_fn(model, x):
@@ -205,6 +214,10 @@ def profile_case(name, fns, device, top=15):
         pstats.Stats(pr, stream=s).strip_dirs().sort_stats("tottime").print_stats(top)
         text.append(f"\n#### {label}: cProfile, top {top} functions by own time\n")
         text.append(s.getvalue())
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(r"mod_ext|modeling_", 2 * top)
+        text.append(f"\n#### {label}: cProfile, mod_ext and transformers model functions by cumulative time\n")
+        text.append(s.getvalue())
     out = "\n".join(text)
     print(out, flush=True)
     return out
@@ -255,10 +268,11 @@ def main(argv=None):
     if "generate" not in args.skip:
         dense.eval()
         mod.eval()
+        biases = predictor_biases(mod)
         for B in args.gen_batch:
             g = torch.Generator().manual_seed(B)
             prompts = torch.randint(0, args.vocab, (B, args.prompt_len), generator=g).to(dev)
-            calibrate_routing(mod, prompts, args.new_tokens, args.capacity)
+            calibrate_routing(mod, prompts, args.new_tokens, args.capacity, biases)
             recs = [{}, {}]
             fns = [generate_fn(dense, prompts, args.new_tokens, recs[0]),
                    generate_fn(mod, prompts, args.new_tokens, recs[1])]
