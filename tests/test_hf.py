@@ -1043,6 +1043,22 @@ def test_loss_is_lm_loss_plus_weighted_aux():
     assert H.aux_loss(model) is None
 
 
+def test_aux_weighed_like_the_lm_loss_under_num_items_in_batch():
+    """With num_items_in_batch (Trainer, gradient accumulation) the LM loss is sum / N;
+    the aux is weighed by this micro-batch's share n / N of the label tokens, so a step
+    of micro-batches sums to the mean of both."""
+    model = converted("llama", capacity_factor=0.25, router_seed=52, weight_std=0.3, aux_loss_weight=0.7)
+    ids, mask, _ = left_padded([9, 6], seed=53)
+    labels = ids.masked_fill(mask == 0, -100)
+    plain = model(ids, attention_mask=mask, labels=labels)
+    aux = H.aux_loss(model).detach()
+    n = int(labels[:, 1:].ne(-100).sum())
+    N = 3 * n
+    out = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=N)
+    torch.testing.assert_close(H.aux_loss(model), aux * n / N, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss, (plain.loss - aux) * n / N + aux * n / N, rtol=1e-5, atol=1e-6)
+
+
 def test_trainer_fine_tunes_with_aux_loss(tmp_path):
     model = converted("llama", capacity_factor=0.25)
     model.train()
