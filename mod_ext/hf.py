@@ -701,7 +701,14 @@ def _subclass(mixin: type, base: type) -> type:
     if key not in _CLASSES:
         attrs = {"_mod_ext_base": base, "__module__": base.__module__}
         if "forward" in mixin.__dict__:
-            attrs["forward"] = functools.wraps(base.forward)(mixin.__dict__["forward"])
+            impl = mixin.__dict__["forward"]
+
+            def forward(self, *args, **kwargs):
+                return impl(self, *args, **kwargs)
+
+            # A new function per class, carrying base.forward's signature (transformers reads
+            # it: generate's model-kwarg check, Trainer's column filter).
+            attrs["forward"] = functools.wraps(base.forward)(forward)
         cls = type(base.__name__, (mixin, base), attrs)
         cls.__qualname__ = f"mod_ext.hf[{base.__qualname__}]"
         _CLASSES[key] = cls
@@ -722,14 +729,15 @@ def _check_settings(capacity_factor, every, layers, causal_router, router_activa
             raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
         idx = [i for i in range(n_layers) if i % int(every) == int(every) - 1]
     else:
-        try:
-            idx = [int(i) for i in layers]
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: layers must be a sequence of layer indices, got {layers!r}") from None
-        if any(isinstance(i, bool) for i in layers) or len(set(idx)) != len(idx) or any(
-            not 0 <= i < n_layers for i in idx
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
         ):
-            raise ValueError(f"{where}: layers must be distinct indices in [0, {n_layers}), got {list(layers)!r}")
+            raise ValueError(f"{where}: layers must be a sequence of int layer indices, got {layers!r}")
+        idx = [int(i) for i in layers]
+        if not idx:
+            raise ValueError(f"{where}: layers is empty; give at least one decoder-layer index")
+        if len(set(idx)) != len(idx) or any(not 0 <= i < n_layers for i in idx):
+            raise ValueError(f"{where}: layers must be distinct indices in [0, {n_layers}), got {idx!r}")
         idx = sorted(idx)
     if not idx:
         raise ValueError(f"{where}: no layer would become MoD (every={every!r}, {n_layers} layers)")
