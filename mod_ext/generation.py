@@ -321,7 +321,7 @@ def prefill(model: "MoDTransformer", idx: Tensor, cache: MoDKVCache, valid: Opti
     x = model.wte(idx)  # (B, T, D), this function's own buffer: MoD layers update it in place
     for layer, lc in zip(model.layers, cache.layers):
         if isinstance(layer, MoDBlock):
-            x = layer.prefill(x, lc, valid, positions, inplace=True).output
+            x = layer.prefill(x, lc, valid, positions, inplace=True, static=cache.static).output
         else:
             x = x + layer(x, positions, slot_mask_dense, lc.prefill_write())
     cache.key_valid[:, :T] = valid

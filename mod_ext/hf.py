@@ -626,7 +626,8 @@ class _MoDDecoderLayerMixin:
             K = mod.causal_capacity(mod.max_seq_len)
             lc._set_kv(MoDLayerCache(B, min(K, T + 64), K, kv_heads, head_dim, dtype=x.dtype, device=x.device))
             blk = _LayerBlock(self, fam, pe, position_ids, extra, impl, window, lc)
-            out = mod.prefill(x, lc.kv, valid=valid, block=blk)
+            static = x.is_cuda or torch.compiler.is_compiling()
+            out = mod.prefill(x, lc.kv, valid=valid, block=blk, static=static)
             lc.routing = "causal"
             lc.columns += T
             return out.output

@@ -745,6 +745,7 @@ class MoDBlock(nn.Module):
         *,
         inplace: bool = False,
         block=None,
+        static: bool = True,
     ) -> MoDBlockOutput:
         """Causal routing over a prompt, caching the routed tokens' keys and values.
 
@@ -762,9 +763,16 @@ class MoDBlock(nn.Module):
             positions: optional (B, T) int64 true positions (default ``arange(T)``).
             inplace: see :func:`mod_block`.
             block: the block of this call (see :meth:`forward`).
+            static: True: the block runs on ``min(causal capacity, cache.limit)`` slots
+                per row, padding included (static-shaped, no host sync). False (eager
+                only; ignored under torch.compile): on as many slots as the row that
+                routes most needs, read on the host: the same routed tokens and
+                results, without running the block on padding slots (a prompt shorter
+                than the causal capacity would otherwise run every token).
 
         Returns:
-            :class:`MoDBlockOutput` (aux_loss None).
+            :class:`MoDBlockOutput` (aux_loss None; with static=False the routing's
+            slot dimension is the dynamic one).
 
         Raises:
             ValueError: bad shapes, a cache of another batch or device, a block without
@@ -777,16 +785,26 @@ class MoDBlock(nn.Module):
         self._check_cache(cache, where, B, x, block)
         self._check_positions(positions, (B, T), where)
         C = min(self.causal_capacity(T), cache.limit)
+        if valid is not None and (
+            not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != (B, T)
+        ):
+            got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+            raise ValueError(f"{where}: valid must be a bool tensor of shape (B, S) = ({B}, {T}), got {got}")
         scores = self.causal_scores(x)  # (B, T)
+        want = scores.detach().float() > 0  # the causal rule's candidates (threshold_route's)
+        if valid is not None:
+            want = want & valid
+        wanted = want.long().sum(1)
+        if not static and not torch.compiler.is_compiling():
+            # Each row routes min(wanted, C) tokens first come first served, so C' = the
+            # largest of those routes the same tokens with fewer padding slots.
+            C = max(1, int(wanted.clamp_max(C).max()))
         out = mod_block(
             x, self.router_weight, self._block_fn(positions, cache.prefill_write, block), capacity=C,
             router_bias=self.router_bias, valid=valid, router_activation=self.router_activation,
             routing="causal", scores=scores if self.predictor is not None else None, inplace=inplace,
         )
-        want = scores.detach().float() > 0
-        if valid is not None:
-            want = want & valid
-        cache.record_prefill(out.slot_mask, want.long().sum(1))
+        cache.record_prefill(out.slot_mask, wanted)
         return MoDBlockOutput(out.output, None, out, scores.detach())
 
     def decode(

@@ -187,7 +187,7 @@ def decode_all(blk, x, T0, cache, static, decode_capacity=None, active=None):
     outputs (prefill output, then each decoded token's)."""
     B, S, _ = x.shape
     with torch.no_grad():
-        outs = [blk.prefill(x[:, :T0], cache).output]
+        outs = [blk.prefill(x[:, :T0], cache, static=static).output]
         for t in range(T0, S):
             pos = torch.full((B, 1), t, dtype=torch.int64)
             outs.append(blk.decode(x[:, t:t + 1], cache, pos, active, decode_capacity=decode_capacity or B,
@@ -216,6 +216,29 @@ def test_prefill_decode_equals_full_recompute(static, causal_router, residual):
     assert (routed > 0).all() and (routed < S).all(), "routing was trivial: the test would be vacuous"
     scores = blk.causal_scores(x).float()
     assert cache.drops.tolist() == ((scores > 0).long().sum(1) - routed).tolist()
+
+
+def test_dynamic_prefill_runs_the_block_on_the_routed_slots_only():
+    """static=False: as many slots as the busiest row routes (read on the host), the same
+    routing, output and cache as the static prefill, which runs min(causal capacity, limit) slots."""
+    blk = make_layer(S=64, bias=0.0)  # causal capacity 16 > T: the cap does not bind, every token could route
+    B, T, D = 3, 10, 8
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        c_static, c_dyn = new_cache(blk, B), new_cache(blk, B)
+        ref = blk.prefill(x, c_static, static=True)
+        got = blk.prefill(x, c_dyn, static=False)
+    routed = ref.routing.slot_mask.long().sum(1)
+    assert ref.routing.indices.shape[1] == min(blk.causal_capacity(T), c_static.limit)
+    assert got.routing.indices.shape[1] == max(1, int(routed.max())) < ref.routing.indices.shape[1]
+    # Same tokens through the same block, on a different number of slots (BLAS may round
+    # the (B, C, D) matmuls differently): equal to float64 rounding, not bitwise.
+    torch.testing.assert_close(got.output, ref.output, rtol=1e-12, atol=1e-12)
+    for name in ("fill", "drops", "overflow"):
+        assert torch.equal(getattr(c_dyn, name), getattr(c_static, name)), name
+    for b in range(B):
+        n = int(routed[b])
+        torch.testing.assert_close(c_dyn.k[b, :n], c_static.k[b, :n], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
