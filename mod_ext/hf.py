@@ -66,8 +66,9 @@ What :func:`convert` does (docs/MOD_SPEC.md; Raposo et al. 2024, arXiv 2404.0225
   logic as the reference model). Dense layers keep transformers' layers. In a decode
   step the new tokens that want a MoD layer compete by top-k over the batch for
   ``decode_capacity`` block slots (default :func:`mod_ext.default_decode_capacity`); the
-  others are dropped and counted (:func:`cache_drops`). Pass ``MoDCache(model,
-  decode_capacity=B)`` as ``past_key_values`` to ``generate`` to never drop.
+  others are dropped and counted (:func:`cache_drops`). Pass ``cache=MoDCache(model,
+  decode_capacity=B)`` to ``generate`` (``past_key_values=`` before transformers 5.24)
+  to never drop.
 
 Supported: Llama, Mistral, Qwen2, Qwen3, Gemma and GPT-2 (``SUPPORTED_MODEL_TYPES``),
 transformers >= 5.0 (the cache keyword ``past_key_values`` became ``cache`` in 5.24: both
@@ -392,7 +393,8 @@ class MoDCache(DynamicCache):
     at every MoD layer's index (dense layers: transformers' own layers).
 
     ``generate`` does not need it (a converted model turns the cache it builds into
-    this layout); pass one as ``past_key_values=`` to set the decode capacity, e.g.
+    this layout); pass one as ``cache=`` (``past_key_values=`` before transformers
+    5.24) to set the decode capacity, e.g.
     ``MoDCache(model, decode_capacity=B)`` never drops a token for lack of block slots.
 
     Args:
@@ -441,7 +443,9 @@ def _mod_cache_layer(cache, index: int) -> MoDCacheLayer:
 
 
 def cache_drops(cache) -> Dict[int, Tensor]:
-    """{layer index: (B,) int64 drops} of the MoD layers in a cache that generate returned."""
+    """{layer index: (B,) int64 drops} of the MoD layers in a cache that generate returned
+    (``out.cache`` with ``return_dict_in_generate=True``; ``out.past_key_values`` before
+    transformers 5.24): tokens that wanted the layer but did not run it."""
     return {i: lc.drops for i, lc in enumerate(getattr(cache, "layers", [])) if isinstance(lc, MoDCacheLayer)
             and lc.drops is not None}
 
