@@ -700,11 +700,33 @@ class _MoDCausalLMMixin:
 _CLASSES: Dict[tuple, type] = {}
 
 
+def _class_key(mixin: type, base: type) -> str:
+    """The converted class's qualified name in this module: no dots (pickle splits on them), and
+    enough to rebuild the class in another process (module ``__getattr__`` below)."""
+    kind = "layer" if mixin is _MoDDecoderLayerMixin else "lm"
+    return f"converted[{kind}|{base.__module__.replace('.', '/')}|{base.__qualname__.replace('.', '/')}]"
+
+
+def __getattr__(name: str):
+    """Rebuild a converted class by its name, so that a pickled converted model unpickles in a
+    process that has not converted one yet (``torch.save(model)`` / ``torch.load``)."""
+    if name.startswith("converted[") and name.endswith("]"):
+        import importlib
+
+        kind, module, qualname = name[len("converted["):-1].split("|")
+        base = importlib.import_module(module.replace("/", "."))
+        for part in qualname.split("/"):
+            base = getattr(base, part)
+        return _subclass(_MoDDecoderLayerMixin if kind == "layer" else _MoDCausalLMMixin, base)
+    raise AttributeError(f"module 'mod_ext.hf' has no attribute {name!r}")
+
+
 def _subclass(mixin: type, base: type) -> type:
-    """``mixin`` + ``base`` under base's name (transformers matches layers and architectures by name)."""
+    """``mixin`` + ``base`` under base's name (transformers matches layers and architectures by
+    name), picklable as ``mod_ext.hf.<_class_key>``."""
     key = (mixin, base)
     if key not in _CLASSES:
-        attrs = {"_mod_ext_base": base, "__module__": base.__module__}
+        attrs = {"_mod_ext_base": base, "__module__": __name__}
         if "forward" in mixin.__dict__:
             impl = mixin.__dict__["forward"]
 
@@ -715,7 +737,7 @@ def _subclass(mixin: type, base: type) -> type:
             # it: generate's model-kwarg check, Trainer's column filter).
             attrs["forward"] = functools.wraps(base.forward)(forward)
         cls = type(base.__name__, (mixin, base), attrs)
-        cls.__qualname__ = f"mod_ext.hf[{base.__qualname__}]"
+        cls.__qualname__ = _class_key(mixin, base)
         _CLASSES[key] = cls
     return _CLASSES[key]
 
@@ -734,6 +756,10 @@ def _check_settings(capacity_factor, every, layers, causal_router, router_activa
             raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
         idx = [i for i in range(n_layers) if i % int(every) == int(every) - 1]
     else:
+        if hasattr(layers, "tolist") and not isinstance(layers, torch.Tensor):
+            layers = layers.tolist()  # a numpy array
+        if isinstance(layers, torch.Tensor):
+            layers = layers.tolist() if layers.dim() == 1 and not layers.is_floating_point() else [layers]
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
         ):
@@ -775,7 +801,8 @@ def convert(
 
     Args:
         model: a causal LM of a supported family (``SUPPORTED_MODEL_TYPES``), e.g. from
-            ``AutoModelForCausalLM.from_pretrained`` or ``.from_config``.
+            ``AutoModelForCausalLM.from_pretrained`` or ``.from_config``; or a PEFT model
+            holding one (its base model is converted, the PEFT model returned).
         capacity_factor: c in (0, 1], the fraction of each sequence a MoD layer routes
             (paper: 0.125); the capacity of a length-S input is ``capacity_for(S, c)``.
         every: layer i becomes MoD when ``i % every == every - 1`` (ignored with layers).
@@ -797,6 +824,12 @@ def convert(
             model already converted, an argument out of range, an attention
             implementation other than eager / sdpa.
     """
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if inner is not model:
+        convert(inner, capacity_factor=capacity_factor, every=every, layers=layers,
+                causal_router=causal_router, router_activation=router_activation,
+                aux_loss_weight=aux_loss_weight, predictor_hidden=predictor_hidden)
+        return model  # a PEFT model: its base model is converted in place
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ValueError(f"mod_ext.hf.convert: expected a transformers causal LM, got {type(model).__name__}")
     if any(isinstance(m, (_MoDCausalLMMixin, _MoDDecoderLayerMixin)) for m in model.modules()):

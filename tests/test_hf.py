@@ -1244,3 +1244,59 @@ def test_compiled_whole_model_fullgraph():
         out = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------
+# Found by a fresh-user trial: pickling, PEFT-wrapped models, numpy layer indices
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_pickle_round_trip_in_a_fresh_process(model_type, tmp_path):
+    """torch.save(model) / torch.load in a process that never converted a model: the
+    converted classes are rebuilt by name (mod_ext.hf.__getattr__)."""
+    import subprocess
+    import sys
+
+    model = H.convert(tiny_model(model_type), capacity_factor=0.5)
+    randomize_mod(model)
+    model.eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.save({"model": model, "ids": ids, "ref": ref}, tmp_path / "m.pt")
+    code = (
+        "import torch, sys\n"
+        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "import mod_ext.hf as H\n"
+        "assert H.is_converted(m), type(m)\n"
+        "with torch.no_grad():\n"
+        "    diff = (m(d['ids']).logits - d['ref']).abs().max().item()\n"
+        "print('DIFF', diff)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DIFF 0.0" in r.stdout, r.stdout
+    assert type(model).__name__ == type(tiny_model(model_type)).__name__  # architectures unchanged
+
+
+def test_convert_a_peft_model_converts_its_base_model():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+    assert H.convert(pm, capacity_factor=0.5) is pm
+    assert H.mod_layer_indices(pm) == [1, 3] and H.is_converted(base)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    out = pm(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss) and H.aux_loss(pm) is not None
+    with pytest.raises(ValueError, match="already converted"):
+        H.convert(pm)
+
+
+def test_layers_as_numpy_array():
+    np = pytest.importorskip("numpy")
+    model = H.convert(tiny_model("llama"), layers=np.array([0, 2]))
+    assert H.mod_layer_indices(model) == [0, 2]
+    with pytest.raises(ValueError, match="layers must be a sequence of int"):
+        H.convert(tiny_model("llama"), layers=np.array([0.5]))
