@@ -100,7 +100,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from .kv_cache import MoDLayerCache
-from .layer import ROUTING_MODES, MoDBlock, capacity_for, default_decode_capacity, router_aux_loss
+from .layer import ROUTING_MODES, MoDBlock, default_decode_capacity, router_aux_loss
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

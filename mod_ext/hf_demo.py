@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -166,7 +165,7 @@ def flops_per_token(model, seq_len: int) -> float:
     """Forward FLOPs per token at length ``seq_len`` (top-k routing), read off the model's
     modules (formula in the module docstring). Training FLOPs per token are 3x this."""
     cfg = model.config
-    D, V, T = cfg.hidden_size, cfg.vocab_size, seq_len
+    D, T = cfg.hidden_size, seq_len
     mod_ids = set(mod_hf.mod_layer_indices(model)) if mod_hf.is_converted(model) else set()
     total = 2.0 * _linear_params(model.lm_head)
     for i, layer in enumerate(model.model.layers):

@@ -504,7 +504,6 @@ def test_model_matches_oracle(model_type, attn):
     model = converted(model_type, attn, capacity_factor=0.5, router_seed=21, weight_std=0.3)
     ids, mask, _ = left_padded([7, 4, 6], seed=9)
     calibrate_causal(model, ids, mask)
-    v = mask.bool()
     for pid in (None, true_positions(mask)):
         for routing in ("topk", "causal"):
             H.set_routing(model, routing)
