@@ -276,6 +276,11 @@ class MoDCacheLayer(DynamicLayer):
         sliding_window: the window of the layer it replaces (None: full attention).
         decode_capacity: block slots per decode step (int in [1, B]); None:
             ``default_decode_capacity(B, capacity_factor)``.
+        static: the prefill/decode path of :class:`mod_ext.MoDBlock`: True static-shaped
+            and free of host syncs (the block runs on every slot, padding included),
+            False the eager dynamic path (the block runs on the routed rows only). None
+            (default): static on CUDA or under torch.compile, dynamic otherwise. Both
+            give the same tokens.
 
     Attributes:
         kv: the :class:`~mod_ext.kv_cache.MoDLayerCache` (None before the prompt).
@@ -288,8 +293,10 @@ class MoDCacheLayer(DynamicLayer):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, sliding_window: Optional[int] = None, decode_capacity: Optional[int] = None, **kwargs):
+    def __init__(self, sliding_window: Optional[int] = None, decode_capacity: Optional[int] = None,
+                 static: Optional[bool] = None, **kwargs):
         super().__init__()
+        self.static = static
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.decode_capacity = decode_capacity
@@ -370,6 +377,11 @@ class MoDCacheLayer(DynamicLayer):
         self.device = kv.device
         self.is_initialized = True
 
+    def _static(self, x: Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return True  # the dynamic path reads routing decisions on the host
+        return x.is_cuda if self.static is None else bool(self.static)
+
     def _ensure_slots(self, needed: int) -> None:
         """Grow (doubling, capped at K) so every sequence can hold ``needed`` routed tokens."""
         kv = self.kv
@@ -400,9 +412,10 @@ class MoDCache(DynamicCache):
     Args:
         model: a converted model (or a model holding one, e.g. a PEFT model).
         decode_capacity: block slots per MoD layer and decode step; None: the default.
+        static: see :class:`MoDCacheLayer` (None: static on CUDA, dynamic on the CPU).
     """
 
-    def __init__(self, model, decode_capacity: Optional[int] = None):
+    def __init__(self, model, decode_capacity: Optional[int] = None, static: Optional[bool] = None):
         conv = _find_converted(model)
         if decode_capacity is not None and (
             isinstance(decode_capacity, bool) or not isinstance(decode_capacity, numbers.Integral)
@@ -414,7 +427,8 @@ class MoDCache(DynamicCache):
             i = layer._mod_ext_index
             old = self.layers[i]
             self.layers[i] = MoDCacheLayer(sliding_window=getattr(old, "sliding_window", None),
-                                           decode_capacity=None if decode_capacity is None else int(decode_capacity))
+                                           decode_capacity=None if decode_capacity is None else int(decode_capacity),
+                                           static=static)
 
 
 def _mod_cache_layer(cache, index: int) -> MoDCacheLayer:
@@ -630,7 +644,7 @@ class _MoDDecoderLayerMixin:
             K = mod.causal_capacity(mod.max_seq_len)
             lc._set_kv(MoDLayerCache(B, min(K, T + 64), K, kv_heads, head_dim, dtype=x.dtype, device=x.device))
             blk = _LayerBlock(self, fam, pe, position_ids, extra, impl, window, lc)
-            static = x.is_cuda or torch.compiler.is_compiling()
+            static = lc._static(x)
             out = mod.prefill(x, lc.kv, valid=valid, block=blk, static=static)
             lc.routing = "causal"
             lc.columns += T
@@ -639,7 +653,7 @@ class _MoDDecoderLayerMixin:
             raise ValueError(f"mod_ext.hf: MoD layer {self._mod_ext_index}: the cache holds {lc.kv.batch} "
                              f"sequences, the input has {B}")
         # Decode: each new token routed causally against its sequence's routed tokens.
-        static = x.is_cuda or torch.compiler.is_compiling()
+        static = lc._static(x)
         dc = lc.decode_capacity
         dc = default_decode_capacity(B, min(1.0, float(mod.capacity_factor))) if dc is None else min(dc, B)
         outs = []

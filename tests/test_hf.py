@@ -762,14 +762,17 @@ def _generate(model, ids, mask, **kw):
 GEN_CASES = [(mt, "sdpa") for mt in FAMILIES] + [("llama", "eager"), ("mistral", "eager"), ("gpt2", "eager")]
 
 
+@pytest.mark.parametrize("static", [None, True], ids=["default_path", "static_path"])
 @pytest.mark.parametrize("model_type, attn", GEN_CASES)
-def test_generate_matches_no_cache_and_prompt_alone(model_type, attn):
+def test_generate_matches_no_cache_and_prompt_alone(model_type, attn, static):
+    """static=True runs, on the CPU, the static-shaped prefill/decode path a GPU takes."""
     model = converted(model_type, attn, capacity_factor=0.25, router_seed=24, weight_std=0.3)
     lengths, new = [5, 8, 3], 6
     ids, mask, prompts = left_padded(lengths, seed=25)
     calibrate_causal(model, ids, mask)
     B = len(lengths)
-    out = _generate(model, ids, mask, max_new_tokens=new, past_key_values=H.MoDCache(model, decode_capacity=B))
+    out = _generate(model, ids, mask, max_new_tokens=new,
+                    past_key_values=H.MoDCache(model, decode_capacity=B, static=static))
     ref = _generate(model, ids, mask, max_new_tokens=new, use_cache=False)
     assert out.sequences.shape == (B, ids.shape[1] + new)
     assert torch.equal(out.sequences, ref.sequences), "generate with the MoD cache != generate(use_cache=False)"
@@ -777,7 +780,7 @@ def test_generate_matches_no_cache_and_prompt_alone(model_type, attn):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {s}: {m}")
     for b, p in enumerate(prompts):
         alone = _generate(model, p[None], None, max_new_tokens=new,
-                          past_key_values=H.MoDCache(model, decode_capacity=1))
+                          past_key_values=H.MoDCache(model, decode_capacity=1, static=static))
         assert torch.equal(out.sequences[b, -new:], alone.sequences[0, -new:]), f"row {b} != its prompt alone"
         for s in range(new):
             torch.testing.assert_close(out.scores[s][b], alone.scores[s][0], rtol=1e-4, atol=1e-4)
@@ -816,6 +819,22 @@ def test_generate_default_decode_capacity_reports_drops(model_type):
     # an ample decode capacity drops nothing
     out2 = _generate(model, ids, mask, max_new_tokens=new, past_key_values=H.MoDCache(model, decode_capacity=B))
     assert all(int(d.sum()) == 0 for d in H.cache_drops(returned_cache(out2)).values())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gpt2"])
+def test_static_and_dynamic_paths_agree_with_drops(model_type):
+    """The static path (what a GPU runs: padding block slots in each decode step) gives the
+    dynamic path's tokens, scores and drop counts when the decode capacity binds."""
+    model = converted(model_type, capacity_factor=0.25, router_seed=28, weight_std=0.3)
+    ids, mask, _ = left_padded([6, 3, 5, 6], seed=29)
+    calibrate_causal(model, ids, mask)
+    runs = {st: _generate(model, ids, mask, max_new_tokens=6,
+                          past_key_values=H.MoDCache(model, decode_capacity=2, static=st)) for st in (False, True)}
+    assert torch.equal(runs[False].sequences, runs[True].sequences)
+    for a, b in zip(runs[False].scores, runs[True].scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    d0, d1 = (H.cache_drops(returned_cache(runs[st])) for st in (False, True))
+    assert {i: d.tolist() for i, d in d0.items()} == {i: d.tolist() for i, d in d1.items()}
 
 
 @pytest.mark.parametrize("keyword", ["past_key_values", "cache"])
