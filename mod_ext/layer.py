@@ -217,6 +217,15 @@ def _check_routing(routing, where: str) -> None:
         raise ValueError(f"{where}: routing must be 'topk' or 'causal', got {routing!r}")
 
 
+def _check_valid(where: str, valid, B: int, S: int) -> None:
+    """valid: None or a (B, S) bool tensor (the message names the expected shape)."""
+    if valid is not None and (
+        not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != (B, S)
+    ):
+        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"{where}: valid must be a bool tensor of shape (B, S) = ({B}, {S}), got {got}")
+
+
 def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing, router_activation):
     if not isinstance(x, torch.Tensor) or not isinstance(router_weight, torch.Tensor):
         raise ValueError("mod_ext.mod_block: x and router_weight must be torch tensors")
@@ -234,11 +243,7 @@ def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing,
         raise ValueError(
             f"mod_ext.mod_block: router_bias must be a scalar tensor, got shape {tuple(router_bias.shape)}"
         )
-    if valid is not None and (
-        not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != (B, S)
-    ):
-        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-        raise ValueError(f"mod_ext.mod_block: valid must be a bool tensor of shape (B, S) = ({B}, {S}), got {got}")
+    _check_valid("mod_ext.mod_block", valid, B, S)
     _check_routing(routing, "mod_ext.mod_block")
     if router_activation not in ROUTER_ACTIVATIONS:
         raise ValueError(
@@ -405,9 +410,7 @@ def _check_targets(where: str, name: str, logits, indices, valid) -> None:
             or indices.dtype != torch.int64):
         got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise ValueError(f"{where}: indices must be an int64 tensor of shape (B, C) with B = {B}, got {got}")
-    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S) or valid.dtype != torch.bool):
-        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-        raise ValueError(f"{where}: valid must be a bool tensor of shape (B, S) = {(B, S)}, got {got}")
+    _check_valid(where, valid, B, S)
     if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= S:
@@ -785,11 +788,7 @@ class MoDBlock(nn.Module):
         self._check_cache(cache, where, B, x, block)
         self._check_positions(positions, (B, T), where)
         C = min(self.causal_capacity(T), cache.limit)
-        if valid is not None and (
-            not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != (B, T)
-        ):
-            got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-            raise ValueError(f"{where}: valid must be a bool tensor of shape (B, S) = ({B}, {T}), got {got}")
+        _check_valid(where, valid, B, T)  # before the mask is used below
         scores = self.causal_scores(x)  # (B, T)
         want = scores.detach().float() > 0  # the causal rule's candidates (threshold_route's)
         if valid is not None:
