@@ -92,7 +92,7 @@ from torch import Tensor, nn
 
 try:
     import transformers
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "mod_ext.hf needs Hugging Face transformers >= 5.0: pip install 'mod_ext[hf]' "
@@ -100,7 +100,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from .kv_cache import MoDLayerCache
-from .layer import ROUTING_MODES, MoDBlock, default_decode_capacity, router_aux_loss
+from .layer import ROUTING_MODES, MoDBlock, router_aux_loss
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -321,13 +321,16 @@ class MoDCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.columns
 
+    @property
+    def cumulative_length(self) -> int:
+        """Columns seen (the name transformers' sliding-window layer counts them by)."""
+        return self.columns
+
     def get_mask_sizes(self, query_length: int):
+        # transformers' own arithmetic, on the columns seen: that of the dense layer replaced
         if self.sliding_window is None:
-            return self.columns + query_length, 0
-        w = self.sliding_window  # the arithmetic of transformers' DynamicSlidingWindowLayer
-        offset = max(self.columns - w + 1, 0)
-        length = (w - 1 + query_length) if self.columns >= w else self.columns + query_length
-        return length, offset
+            return DynamicLayer.get_mask_sizes(self, query_length)
+        return DynamicSlidingWindowLayer.get_mask_sizes(self, query_length)
 
     def get_max_length(self) -> int:
         return -1
@@ -612,26 +615,19 @@ class _MoDDecoderLayerMixin:
         valid = _valid_from_mask(mask, B, T)
         window = _window(self, fam)
         mod: MoDBlock = self.mod
-        if cache is None:
-            blk = _LayerBlock(self, fam, pe, position_ids, extra, impl, window)
-            out = mod(x, valid=valid, block=blk)
-            if mod.routing == "topk" and collector is not None:
-                collector[self._mod_ext_index] = (mod, x.detach(), out.routing.indices, valid)
-            return out.output
-
-        lc = _mod_cache_layer(cache, self._mod_ext_index)
-        if mod.routing == "topk":
-            if lc.routing == "causal":
+        lc = None if cache is None else _mod_cache_layer(cache, self._mod_ext_index)
+        if lc is None or mod.routing == "topk":  # full sequences: no cache, or top-k (never cached)
+            if lc is not None and lc.routing == "causal":
                 raise ValueError(
                     f"mod_ext.hf: MoD layer {self._mod_ext_index}: this cache holds causally routed tokens, but the "
                     "model routes top-k; call mod_ext.hf.set_routing(model, 'causal') to decode from it"
                 )
-            blk = _LayerBlock(self, fam, pe, position_ids, extra, impl, window)
-            out = mod(x, valid=valid, block=blk)
-            if collector is not None:
+            out = mod(x, valid=valid, block=_LayerBlock(self, fam, pe, position_ids, extra, impl, window))
+            if mod.routing == "topk" and collector is not None:
                 collector[self._mod_ext_index] = (mod, x.detach(), out.routing.indices, valid)
-            lc.routing = "topk"  # top-k needs the whole sequence: nothing decodable is cached
-            lc.columns += T
+            if lc is not None:
+                lc.routing = "topk"  # top-k needs the whole sequence: nothing decodable is cached
+                lc.columns += T
             return out.output
 
         if lc.routing == "topk":
@@ -654,13 +650,12 @@ class _MoDDecoderLayerMixin:
                              f"sequences, the input has {B}")
         # Decode: each new token routed causally against its sequence's routed tokens.
         static = lc._static(x)
-        dc = lc.decode_capacity
-        dc = default_decode_capacity(B, min(1.0, float(mod.capacity_factor))) if dc is None else min(dc, B)
+        dc = None if lc.decode_capacity is None else min(lc.decode_capacity, B)  # None: MoDBlock's default
+        rows = torch.arange(B, device=x.device)[:, None]  # the block's "positions": each slot's sequence
         outs = []
         for t in range(T):
             lc._ensure_slots(lc.columns + 1)
             blk = _LayerBlock(self, fam, pe, position_ids, extra, impl, window, lc, column=t)
-            rows = torch.arange(B, device=x.device)[:, None]
             active = None if valid is None else valid[:, t]
             outs.append(mod.decode(x[:, t:t + 1], lc.kv, rows, active, decode_capacity=dc, static=static,
                                    block=blk))
