@@ -49,6 +49,7 @@ from .layer import routing_metrics  # noqa: E402
 from .generation import MoDKVCache  # noqa: E402
 from .models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
 from .ops import threshold_route  # noqa: E402
+from .train import lr_at, make_optimizer  # noqa: E402  (one optimizer and schedule for both)
 
 # Defaults of the full run and of --quick; explicit command-line values override both.
 FULL = dict(steps=160, batch_size=16, seq_len=256, d_model=128, n_layer=6, n_head=4,
@@ -123,23 +124,6 @@ def evaluate(model: MoDTransformer, batches, routing: str = "topk") -> float:
         losses.append(model(x, y, routing=routing).lm_loss.item())
     model.train()
     return sum(losses) / len(losses)
-
-
-def make_optimizer(model: MoDTransformer, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warmup (10% of the steps) then cosine decay to lr / 10."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_batches) -> Dict:

@@ -21,7 +21,7 @@ What :func:`convert` does (docs/MOD_SPEC.md; Raposo et al. 2024, arXiv 2404.0225
   indices in ``layers``.
 * **Each MoD layer** keeps its own modules and parameters (its state-dict keys do not
   change) and gains ``mod``, a :class:`mod_ext.MoDBlock` that owns the router
-  (``mod.router_weight`` (D,), ``mod.router_bias`` ()) and the predictor. Its forward is
+  (``mod.router_weight`` (D,), ``mod.router_bias`` (1,)) and the predictor. Its forward is
   ``x' = x + r * f(x~)`` on the routed tokens, with ``f`` the layer's update computed
   from its own sublayers (attention output + MLP output, never ``layer(x~) - x~``), the
   routing done by mod_ext's ops. The layer instance keeps its class (a subclass is

@@ -517,7 +517,7 @@ class MoDBlock(nn.Module):
     """Turn a transformer block into a Mixture-of-Depths block in one line.
 
     ``MoDBlock(block, d_model)`` owns the router (``router_weight`` (D,),
-    ``router_bias`` ()), the predictor and ``block``. ``block(x_sel, positions,
+    ``router_bias`` (1,)), the predictor and ``block``. ``block(x_sel, positions,
     slot_mask)`` gets the routed tokens (B, C, D), their true positions (B, C) and the
     slot mask (B, C), and returns the update ``f`` (B, C, D) without the residual (or
     ``x_sel + f`` when ``block_returns_residual=True``; f is then recovered by
@@ -588,9 +588,17 @@ class MoDBlock(nn.Module):
         self.max_seq_len = max_seq_len
         self.block_returns_residual = block_returns_residual
         self.router_weight = nn.Parameter(torch.randn(d_model) / math.sqrt(d_model))
-        self.router_bias = nn.Parameter(torch.zeros(()))
+        # (1,), not 0-d: FSDP2's fully_shard refuses scalar parameters
+        self.router_bias = nn.Parameter(torch.zeros(1))
         self.predictor = MoDPredictor(d_model, predictor_hidden) if causal_router == "predictor" else None
         self.routing = "topk"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the bias became (1,) hold a 0-d router_bias.
+        key = prefix + "router_bias"
+        if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
 

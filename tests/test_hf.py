@@ -158,7 +158,7 @@ def test_convert_default_settings_and_init():
         assert mod.predictor is not None
         # scaled_sigmoid starts from a zero router: r = 2 * sigmoid(0) = 1
         assert torch.count_nonzero(mod.router_weight) == 0 and float(mod.router_bias.detach()) == 0.0
-        assert mod.router_weight.shape == (D,) and mod.router_bias.shape == ()
+        assert mod.router_weight.shape == (D,) and mod.router_bias.shape == (1,)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "gpt2"])
