@@ -55,6 +55,7 @@ step tests 90 python -m pytest tests -q -k cuda
 step ops_eager 60 python benchmarks/bench_ops.py --device cuda --no-compile --json "$OUT/ops_cuda_eager.json"
 step block_eager 60 python benchmarks/bench_block.py --device cuda --no-compile --json "$OUT/block_cuda_eager.json"
 step decode 120 python benchmarks/bench_decode.py --device cuda --json "$OUT/decode_cuda.json"
+step train 120 python benchmarks/bench_train.py --gpu --steps 8 --repeats 1 --json "$OUT/train_gpu.json"
 step ops_compiled 120 python benchmarks/bench_ops.py --device cuda --compile --json "$OUT/ops_cuda.json"
 step block_compiled 300 python benchmarks/bench_block.py --device cuda --compile --capacity 0.125 \
   --json "$OUT/block_cuda.json"

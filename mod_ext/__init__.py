@@ -6,8 +6,9 @@ transformer-based language models" (arXiv 2404.02258). See README.md.
 Modules, in the direction data flows: :mod:`mod_ext.ops` (the compiled routing ops),
 :mod:`mod_ext.layer` (the MoD layer) with :mod:`mod_ext.kv_cache` (its KV cache),
 :mod:`mod_ext.models` (the reference MoD language model), :mod:`mod_ext.generation`
-(sampling through the KV cache), :mod:`mod_ext.demo` (needs the ``[demo]`` extra:
-numpy, tqdm, matplotlib). Importing mod_ext needs only torch.
+(sampling through the KV cache), :mod:`mod_ext.train` (training on one process or
+many: DDP, FSDP2, distributed checkpoints), :mod:`mod_ext.demo` (these two need the
+``[demo]`` extra: numpy, tqdm, matplotlib). Importing mod_ext needs only torch.
 """
 
 from ._version import __version__

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (default: only at the end)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="resume from a checkpoint directory (default: the latest in --out/checkpoints)")
+                   help="resume from a checkpoint directory (default: the latest in --out/checkpoints; "
+                        "'auto': the latest if there is one, else start, e.g. for requeued jobs)")
     g.add_argument("--stop-at", type=int, default=None,
                    help="stop (with a checkpoint) after this step, e.g. to split a run over job allocations")
     g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
@@ -284,7 +285,7 @@ def lr_at(step: int, steps: int, lr: float, min_lr: Optional[float] = None, warm
         return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    t = (step - warmup) / max(1, steps - warmup)
+    t = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))  # 1 at the last step, steps - 1
     if schedule == "linear":
         return min_lr + (lr - min_lr) * (1 - t)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
@@ -498,8 +499,8 @@ def _micro_loss(model: nn.Module, x: Tensor, y: Tensor, valid: Optional[Tensor],
     with _autocast(args, env):
         out = model(x, None, routing=routing, valid=valid)
     V = out.logits.shape[-1]
-    lm_sum = F.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1), ignore_index=-100,
-                             reduction="sum")
+    logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up, float64 kept
+    lm_sum = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=-100, reduction="sum")
     loss = lm_sum / n_targets
     aux_sum = None
     if out.aux_loss is not None:
@@ -524,7 +525,8 @@ def evaluate(model: nn.Module, batches: List[Tuple[Tensor, Tensor, Optional[Tens
         vs = None if vs is None else vs.to(env.device)
         with _autocast(args, env):
             logits = model(xs, None, routing=routing, valid=vs).logits
-        total[0] += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1),
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1),
                                     ignore_index=-100, reduction="sum").double()
         total[1] += (ys != -100).sum()
     if env.backend is not None:
@@ -686,10 +688,16 @@ def _plot(metrics: Dict, path: Path, title: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run training; returns the metrics (also written to ``--out/metrics.json`` by rank 0)."""
     args = parse_args(argv)
-    try:
+    try:  # the [demo] extra: the corpus loader (numpy), progress bars, the loss plot
+        import importlib
+
         from tqdm.auto import tqdm
-    except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("python -m mod_ext.train needs the [demo] extra (tqdm, matplotlib, numpy): "
+
+        for name in ("numpy",) + (() if args.no_plot else ("matplotlib",)):
+            importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"python -m mod_ext.train needs the [demo] extra ({e.name} is not installed): "
+                         "pip install numpy tqdm matplotlib, or from the checkout "
                          "pip install --no-build-isolation -e \".[demo]\"") from e
     from .data import load_corpus
 
@@ -732,10 +740,17 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
                                corpus=corpus.name, device=str(env.device), backend=env.backend),
                    steps=[], evals=[], resumed_from=None)
     start = 0
-    if args.resume is not None:
-        path = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if path is None:
+    path = None
+    if args.resume in ("latest", "auto"):
+        path = latest_checkpoint(out)
+        if path is None and args.resume == "latest":
             raise SystemExit(f"mod_ext.train: --resume: no complete checkpoint in {out / 'checkpoints'}")
+    elif args.resume is not None:
+        path = Path(args.resume)
+    elif latest_checkpoint(out) is not None:
+        raise SystemExit(f"mod_ext.train: --out {out} already holds checkpoints of a run "
+                         f"({latest_checkpoint(out).name}): pass --resume to continue it, or another --out")
+    if path is not None:
         state = load_checkpoint(path, model, opt, args, env)
         start = state["step"]
         metrics["steps"], metrics["evals"] = state["steps_log"], state["evals_log"]
@@ -821,7 +836,10 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         if not cuda:
             times.append(time.perf_counter() - t0)
         last = step + 1 == stop
-        if len(pending) >= args.log_every or last or (args.eval_every and (step + 1) % args.eval_every == 0):
+        final = step + 1 == args.steps  # evaluated after the loop (with the causal metrics)
+        eval_due = bool(args.eval_every and args.eval_batches and (step + 1) % args.eval_every == 0)
+        save_due = bool(args.save_every and (step + 1) % args.save_every == 0)
+        if len(pending) >= args.log_every or last or eval_due or save_due:
             n = len(pending)
             flush(times if not cuda else [0.0] * n)
             if cuda:  # the flush synchronised: spread the interval over its steps
@@ -832,9 +850,9 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             times = []
             rec = metrics["steps"][-1]
             bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", lr=f"{lr:.2e}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and args.eval_batches and not last:
+        if eval_due and not final:
             record_eval(step + 1)
-        if args.save_every and (step + 1) % args.save_every == 0 and not last:
+        if save_due and not last:  # (the last step's checkpoint is saved after the loop)
             save_checkpoint(out, step + 1, model, opt, args, env, metrics)
     bar.close()
 
@@ -843,8 +861,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         if not args.dense:
             metrics["causal_val_loss"] = evaluate(model, val_batches, "causal", args, env)
             metrics.update(_routing_quality(model, val_batches, args, env))
-    if stop > start or args.resume is None:
-        save_checkpoint(out, stop, model, opt, args, env, metrics)
+    save_checkpoint(out, stop, model, opt, args, env, metrics)
     if stop == args.steps:
         _save_model(out / "model.pt", model, cfg, args, env)
     done = [s for s in metrics["steps"] if s["step"] > start]
