@@ -418,6 +418,24 @@ def test_resume_without_a_checkpoint(tmp_path):
         run(tmp_path / "empty", "--resume")
 
 
+def test_resume_auto(reference, tmp_path):
+    """--resume auto starts a fresh run where there is no checkpoint and continues one
+    where there is (a requeued job runs the same command again)."""
+    out = tmp_path / "auto"
+    first = run(out, "--resume", "auto", "--stop-at", "3")
+    assert first["resumed_from"] is None and [s["step"] for s in first["steps"]] == [1, 2, 3]
+    second = run(out, "--resume", "auto")
+    assert second["resumed_from"]["step"] == 3
+    assert losses(second) == losses(reference[1])
+
+
+def test_a_fresh_run_refuses_an_out_with_checkpoints(stopped):
+    """Starting over in a directory that holds another run's checkpoints would mix the two
+    runs' checkpoints (and a later --resume could pick the other run's)."""
+    with pytest.raises(SystemExit, match="already holds checkpoints of a run .*step_00000003.*--resume"):
+        run(stopped)
+
+
 def test_resume_ignores_and_refuses_unfinished_checkpoints(stopped):
     root = stopped / "checkpoints"
     good = root / "step_00000003"
