@@ -496,8 +496,9 @@ class MoDPredictor(nn.Module):
     """Small MLP that predicts top-k membership causally (paper Section 3.5).
 
     Reads the router's input with a stop-gradient, so training it never changes the
-    language-model loss. ``forward(x (B, S, D)) -> logits (B, S) float32``; a token is
-    routed at sampling time when its logit > 0.
+    language-model loss. ``forward(x (B, S, D)) -> logits (B, S)`` float32 (float64
+    for float64 x, so its BCE is float64-exact there); a token is routed at sampling
+    time when its logit, rounded to float32, is > 0.
     """
 
     def __init__(self, d_model: int, hidden: Optional[int] = None):
@@ -506,7 +507,8 @@ class MoDPredictor(nn.Module):
         self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.detach()).squeeze(-1).float()  # (B, S)
+        z = self.net(x.detach()).squeeze(-1)  # (B, S)
+        return z.to(torch.promote_types(z.dtype, torch.float32))  # float32 (float64 for float64 x)
 
     def loss(self, x: Tensor, indices: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """BCE of the predictor logits against top-k membership (stop-gradient on x)."""
@@ -650,7 +652,7 @@ class MoDBlock(nn.Module):
 
     def causal_scores(self, x: Tensor) -> Tensor:
         """(B, S) causal scores of x (B, S, D) (> 0 routes causally): the predictor's
-        logits (float32), or the router logits (float32; float64 for float64 x) with
+        logits (float32; float64 for float64 x), or the router logits (float32; float64 for float64 x) with
         ``causal_router="router"``. Decisions are made on their float32 rounding."""
         if self.predictor is not None:
             return self.predictor(x)

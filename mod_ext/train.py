@@ -465,7 +465,11 @@ def prepare_model(model: MoDTransformer, args, env: DistEnv) -> Tuple[nn.Module,
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         if gloo_avg_is_broken():
-            model.set_force_sum_reduction_for_comms(True)
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in model.modules():  # the setter does not recurse: every block's own group
+                if isinstance(m, FSDPModule):
+                    m.set_force_sum_reduction_for_comms(True)
             if env.is_main:
                 print("mod_ext.train: this PyTorch's gloo ReduceOp.AVG sums (pytorch/pytorch#162338): "
                       "FSDP2 reduces gradients with SUM and divides afterwards", flush=True)
@@ -506,7 +510,7 @@ def _micro_loss(model: nn.Module, x: Tensor, y: Tensor, valid: Optional[Tensor],
     if out.aux_loss is not None:
         # aux_loss is the sum over MoD layers of each layer's mean over this slice's valid tokens
         local_valid = x.numel() if valid is None else valid.sum()
-        aux_sum = out.aux_loss.float() * local_valid
+        aux_sum = out.aux_loss.to(torch.promote_types(out.aux_loss.dtype, torch.float32)) * local_valid
         if aux_weight:
             loss = loss + aux_weight * aux_sum / n_valid
     return loss * env.world_size, lm_sum.detach(), None if aux_sum is None else aux_sum.detach()
@@ -778,8 +782,9 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         """Gather the pending steps' loss sums over ranks (one collective, one host read)."""
         if not pending:
             return
-        vals = torch.stack([torch.stack([lm, aux if aux is not None else torch.zeros_like(lm), gn.float()])
-                            for _, _, lm, aux, gn, _ in pending]).double()
+        vals = torch.stack([torch.stack([lm.double(), torch.zeros((), dtype=torch.float64, device=lm.device)
+                                         if aux is None else aux.double(), gn.double()])
+                            for _, _, lm, aux, gn, _ in pending])
         if env.backend is not None:
             # grad norm is the same on every rank: sum it too, then divide by W
             dist.all_reduce(vals)

@@ -11,19 +11,16 @@ The distributed runs are grouped into a few spawned 2-rank jobs (module-scoped
 fixtures; workers in tests/train_workers.py), each running many configurations in turn,
 because a spawn costs seconds and the runs themselves milliseconds.
 
-Tolerances. float64 runs agree to float64 rounding (1e-10) where there is no aux loss
-(dense, causal routing). With an aux loss the aux term is float32 (``_micro_loss``
-takes ``out.aux_loss.float()``, and the predictor returns float32 logits), so those
-runs agree to float32 rounding only: ``F64_AUX`` is 1e-6, and
-``test_float64_aux_runs_agree_to_float64_rounding`` (strict xfail) asserts 1e-10. Both
-are far below what a wrong normalisation or reduction gives (a factor of 2 in the
-gradient norm; asserted in the gloo AVG tests). float32 runs: 1e-5.
+Tolerances. float64 runs agree to float64 rounding (1e-10), aux loss included (the
+predictor's logits and the aux term are float64 in float64 runs). This is far below what a
+wrong normalisation or reduction gives (a factor of 2 in the gradient norm; asserted in
+the gloo AVG tests). float32 runs: 1e-5.
 
 Also in float32: FSDP2 reduces float32 gradients with ReduceOp.AVG (float64 with SUM and
 a division), the collective pytorch/pytorch#162338 broke on gloo. The installed PyTorch
 does not have that bug; the workers emulate it (tests/train_workers.py, "gloo_avg_bug").
-The workaround does not cover the blocks (strict xfail
-``test_fsdp2_with_the_gloo_avg_bug_still_equals_one_process``).
+With the emulated bug, mod_ext.train's workaround (sum-based reduction on every FSDP2
+module) must still give one process's gradients.
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 BASE = W.BASE
 # (rtol of the metrics, rtol of the parameters relative to each tensor's largest magnitude)
 F64 = (1e-10, 1e-10)
-F64_AUX = (1e-6, 1e-6)  # float64 runs with an aux loss: its float32 rounding (module docstring)
 # float32 parameters after 6 AdamW steps: AdamW divides by sqrt(v), so a weight whose
 # gradient is tiny moves by up to lr x its relative rounding noise; a real error (a
 # missing or doubled rank slice) moves weights by ~lr = 3e-3, 1e-3..1e-2 of their scale.
@@ -65,7 +61,7 @@ VARIANTS = {"plain": [], "pad": ["--pad-fraction", "0.3"], "pad-accum2": ["--pad
 #: name -> (extra options, rtol): the full matrix in float64, two float32 configurations
 AUX_MODES = ("topk", "router")
 CONFIGS: Dict[str, tuple] = {f"{m}-{v}-float64": (MODES[m] + VARIANTS[v] + ["--dtype", "float64"],
-                                                  F64_AUX if m in AUX_MODES else F64)
+                                                  F64 if m in AUX_MODES else F64)
                              for m in MODES for v in VARIANTS}
 CONFIGS["topk-pad-float32"] = (VARIANTS["pad"], F32)
 CONFIGS["router-accum2-float32"] = (MODES["router"] + ["--grad-accum", "2"], F32)
@@ -185,22 +181,6 @@ def test_two_processes_equal_one(matrix, name, dist):
     expect_frozen = "--routing" in extra  # causal training freezes the predictor
     assert bool(m["config"]["frozen"]) == expect_frozen
     assert all(n.startswith(PREDICTOR) for n in m["config"]["frozen"])
-
-
-@pytest.mark.parametrize("mode", [
-    pytest.param("router", marks=pytest.mark.xfail(strict=True, reason=(
-        "mod_ext bug: --dtype float64 takes the aux loss in float32 (_micro_loss: out.aux_loss.float())"))),
-    pytest.param("topk", marks=pytest.mark.xfail(strict=True, reason=(
-        "mod_ext bug: --dtype float64 takes the aux loss in float32 (_micro_loss: out.aux_loss.float(); "
-        "MoDPredictor.forward returns float32 logits)"))),
-])
-def test_float64_aux_runs_agree_to_float64_rounding(matrix, mode):
-    """float64 runs with an aux loss on 2 processes agree with one process to float64
-    rounding (1e-10), as the runs without one do."""
-    bad = {f"{name}/{d}": compare_runs(matrix / name / d, matrix / name / "none", F64)
-           for name in CONFIGS if name.startswith(mode + "-") and name.endswith("float64") for d in ("ddp", "fsdp2")}
-    bad = {k: v[:3] for k, v in bad.items() if v}
-    assert not bad, json.dumps(bad, indent=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,9 +321,6 @@ def test_the_probe_detects_the_gloo_avg_bug_in_a_run(misc):
     assert_same_run(misc / "fsdp2_plain", misc / "ref32", F32)
 
 
-@pytest.mark.xfail(strict=True, reason="mod_ext bug: prepare_model calls set_force_sum_reduction_for_comms on the "
-                                       "root only, and it does not recurse: the blocks still reduce with the "
-                                       "broken AVG (grad norm 1.129 vs 1.032 at step 1)")
 def test_fsdp2_with_the_gloo_avg_bug_still_equals_one_process(misc):
     """With gloo's AVG summing, FSDP2 with mod_ext.train's workaround still equals one
     process (gradient norms included)."""
@@ -377,14 +354,14 @@ def test_fsdp2_checkpoint_resumes_on_one_process(matrix, misc, tmp_path):
     m = metrics(out)
     assert m["resumed_from"]["step"] == 3 and m["resumed_from"]["world_size"] == 2
     assert m["resumed_from"]["dist"] == "fsdp2"
-    assert_same_run(out, matrix / TOPK64 / "none", F64_AUX)
+    assert_same_run(out, matrix / TOPK64 / "none", F64)
 
 
 def test_ddp_checkpoint_resumes_under_fsdp2(matrix, misc):
     """A DDP checkpoint (2 processes, step 3) resumed under FSDP2 (2 processes) equals
     the uninterrupted FSDP2 run."""
     assert metrics(misc / "ddp_stop3_fsdp2")["resumed_from"]["dist"] == "ddp"
-    assert_same_run(misc / "ddp_stop3_fsdp2", matrix / TOPK64 / "fsdp2", F64_AUX)
+    assert_same_run(misc / "ddp_stop3_fsdp2", matrix / TOPK64 / "fsdp2", F64)
 
 
 def test_same_world_size_resume_is_bit_exact(matrix, misc):
@@ -429,7 +406,7 @@ def test_a_crash_during_a_save_leaves_the_last_checkpoint(crashed, matrix):
     run_here(argv(FLOAT64 + ["--resume"], "none", crashed))
     m = metrics(crashed)
     assert m["resumed_from"]["step"] == 2 and m["resumed_from"]["world_size"] == 2
-    assert_same_run(crashed, matrix / TOPK64 / "none", F64_AUX)
+    assert_same_run(crashed, matrix / TOPK64 / "none", F64)
 
 
 # --------------------------------------------------------------------------------------
