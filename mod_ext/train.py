@@ -776,7 +776,8 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         if frozen:
             print(f"mod_ext.train: frozen (nothing trains them in this run): {', '.join(frozen)}", flush=True)
 
-    pending: List[Tuple[int, float, Tensor, Optional[Tensor], Tensor, float]] = []
+    # (step, lr, LM loss sum, aux loss sum, grad norm, (global target count, global valid count))
+    pending: List[Tuple[int, float, Tensor, Optional[Tensor], Tensor, Tuple[int, int]]] = []
 
     def flush(times: List[float]):
         """Gather the pending steps' loss sums over ranks (one collective, one host read)."""
