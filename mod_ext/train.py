@@ -60,6 +60,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -101,10 +102,10 @@ QUICK = dict(steps=6, batch_size=4, seq_len=64, d_model=32, n_layer=2, n_head=2,
              eval_every=3, eval_batches=1)
 
 #: Options that change what is computed: a checkpoint resumes only with equal values.
-RESUME_FIXED = ("steps", "batch_size", "grad_accum", "seq_len", "d_model", "n_layer", "n_head", "dense",
+RESUME_FIXED = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "dense",
                 "capacity_factor", "mod_every", "causal_router", "router_activation", "aux_loss_weight",
                 "routing", "lr", "min_lr", "warmup", "schedule", "weight_decay", "grad_clip", "seed",
-                "pad_fraction", "dtype", "data")
+                "pad_fraction", "dtype", "corpus_sha256")
 
 
 # --------------------------------------------------------------------------------------
@@ -188,6 +189,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the options (argparse errors name the option)."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.flops is not None and args.steps is not None:
+        p.error("--flops and --steps both set the number of steps: pass one")
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -223,6 +226,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 "(use --dense for the baseline)")
     if args.data is not None and not os.path.isfile(args.data):
         p.error(f"--data {args.data}: no such file")
+    for parent in [Path(args.out)] + list(Path(args.out).parents):
+        if parent.exists():
+            if not parent.is_dir():
+                p.error(f"--out {args.out}: {parent} is not a directory")
+            break
+    if args.resume not in (None, "latest", "auto") and not os.path.isdir(args.resume):
+        p.error(f"--resume {args.resume}: no such directory")
     if args.flops is not None:
         if not math.isfinite(args.flops) or args.flops <= 0:
             p.error(f"--flops must be a finite number > 0, got {args.flops}")
@@ -307,9 +317,9 @@ class GlobalBatches:
     """
 
     def __init__(self, data: Tensor, global_batch: int, seq_len: int, seed: int, pad_fraction: float = 0.0):
-        if data.numel() <= seq_len + 1:
+        if data.numel() < seq_len + 1:
             raise ValueError(f"mod_ext.train: a stream of {data.numel()} tokens is too short for "
-                             f"--seq-len {seq_len}")
+                             f"--seq-len {seq_len} (a window is seq_len + 1 tokens)")
         self.data, self.global_batch, self.seq_len = data, global_batch, seq_len
         self.seed, self.pad_fraction = seed, pad_fraction
 
@@ -487,6 +497,15 @@ def _autocast(args, env: DistEnv):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _eval_mode_warnings():
+    """Reentrant activation checkpointing warns that no input requires grad under the
+    evaluations' no_grad (it has nothing to recompute there): expected, so silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*None of the inputs have requires_grad.*")
+        yield
+
+
 def _grad_sync(model: nn.Module, env: DistEnv, sync: bool):
     """Context for one micro-batch's backward: gradient reduction on the last only."""
     if env.mode == "ddp" and not sync:
@@ -527,7 +546,7 @@ def evaluate(model: nn.Module, batches: List[Tuple[Tensor, Tensor, Optional[Tens
         xs, ys, vs = (_rows(t, 0, 1, env.rank, env.world_size) for t in (x, y, valid))
         xs, ys = xs.to(env.device), ys.to(env.device)
         vs = None if vs is None else vs.to(env.device)
-        with _autocast(args, env):
+        with _autocast(args, env), _eval_mode_warnings():
             logits = model(xs, None, routing=routing, valid=vs).logits
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1),
@@ -546,6 +565,18 @@ def evaluate(model: nn.Module, batches: List[Tuple[Tensor, Tensor, Optional[Tens
 
 def _run_config(args) -> Dict:
     return {k: getattr(args, k) for k in RESUME_FIXED}
+
+
+def corpus_sha256(corpus) -> str:
+    """SHA-256 of a corpus' token streams (train, then validation): resume compares the
+    data by content, not by the path it was given as."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (corpus.train, corpus.val):
+        h.update(t.contiguous().numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -582,7 +613,9 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     env.barrier()
-    dcp.save(_state(model, opt), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(_state(model, opt), checkpoint_id=str(tmp), no_dist=env.backend is None)
     env.barrier()
     if env.is_main:
         train_state = dict(format=CHECKPOINT_FORMAT, step=step, world_size=env.world_size, dist=env.mode,
@@ -593,6 +626,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
         os.replace(tmp, final)
         old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for p in old[:-args.keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob("step_*.tmp"):  # left by an interrupted save; never read
             shutil.rmtree(p, ignore_errors=True)
     env.barrier()
     return final
@@ -623,13 +658,18 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, ar
     want = _run_config(args)
     diff = {k: (state["config"].get(k), want[k]) for k in want if state["config"].get(k) != want[k]}
     if diff:
-        what = ", ".join(f"--{k.replace('_', '-')} {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in diff.items())
+        what = ", ".join(("the data (SHA-256 of the token streams: --data's content) "
+                          f"{str(a)[:12]}... in the checkpoint vs {str(b)[:12]}... now") if k == "corpus_sha256"
+                         else f"--{k.replace('_', '-')} {a!r} in the checkpoint vs {b!r} now"
+                         for k, (a, b) in diff.items())
         raise SystemExit(f"mod_ext.train: --resume {path} is a checkpoint of another configuration: {what}")
     if state["step"] >= args.steps:
         raise SystemExit(f"mod_ext.train: --resume {path}: the run already finished ({state['step']} of "
                          f"{args.steps} steps)")
     s = _state(model, opt)
-    dcp.load(s, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(s, checkpoint_id=str(path), no_dist=env.backend is None)
     set_state_dict(model, opt, model_state_dict=s["model"], optim_state_dict=s["optim"])
     return state
 
@@ -675,7 +715,8 @@ def _plot(metrics: Dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = metrics["steps"]
-    ax.plot([s["step"] for s in steps], [s["lm_loss"] for s in steps], lw=1, label="train (LM loss)")
+    # a step's record holds the loss of the model before that step's update
+    ax.plot([s["step"] - 1 for s in steps], [s["lm_loss"] for s in steps], lw=1, label="train (LM loss)")
     if metrics["evals"]:
         ax.plot([e["step"] for e in metrics["evals"]], [e["val_loss"] for e in metrics["evals"]], "o-",
                 label="validation (top-k routing)")
@@ -720,8 +761,6 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
                          f"micro-batches over {W} processes (a multiple of {A * W})")
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
     out = Path(args.out)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     # Rank 0 fetches the corpus first (once), the others then read the cache.
     if not env.is_main:
         env.barrier()
@@ -735,6 +774,14 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
     n_params = raw.num_params()
     model, frozen = prepare_model(raw, args, env)
     opt = make_optimizer(model, args.lr, args.weight_decay)
+    for split, stream in (("training", corpus.train), ("validation", corpus.val)):
+        if stream.numel() < args.seq_len + 1:
+            raise SystemExit(f"mod_ext.train: the {split} split of {corpus.name} ({corpus.split}) has "
+                             f"{stream.numel()} tokens, too few for --seq-len {args.seq_len} (windows of "
+                             f"seq_len + 1 tokens): use --seq-len {max(0, stream.numel() - 1)} or less, or more text")
+    args.corpus_sha256 = corpus_sha256(corpus)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     batches = GlobalBatches(corpus.train, args.batch_size, args.seq_len, args.seed, args.pad_fraction)
     val = GlobalBatches(corpus.val, args.batch_size, args.seq_len, args.seed + 1, args.pad_fraction)
     val_batches = [val(i) for i in range(args.eval_batches)]
@@ -754,6 +801,13 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
     elif latest_checkpoint(out) is not None:
         raise SystemExit(f"mod_ext.train: --out {out} already holds checkpoints of a run "
                          f"({latest_checkpoint(out).name}): pass --resume to continue it, or another --out")
+    if path is not None and args.resume == "auto":
+        done = json.loads((path / "train_state.json").read_text())
+        if done.get("step", 0) >= args.steps and (out / "metrics.json").is_file():
+            if env.is_main:
+                print(f"mod_ext.train: --resume auto: the run in {out} already finished ({done['step']} of "
+                      f"{args.steps} steps); nothing to do", flush=True)
+            return json.loads((out / "metrics.json").read_text())
     if path is not None:
         state = load_checkpoint(path, model, opt, args, env)
         start = state["step"]
@@ -775,6 +829,10 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
               f"dist {env.mode} ({env.backend or 'single process'}) on {env.device}; {corpus.name}", flush=True)
         if frozen:
             print(f"mod_ext.train: frozen (nothing trains them in this run): {', '.join(frozen)}", flush=True)
+        if args.routing == "causal" and args.causal_router == "predictor" and not args.dense and start == 0:
+            print("mod_ext.train: warning: --routing causal routes by the predictor, which this run does not "
+                  "train (it stays at its initialisation): resume a top-k-trained run, or use "
+                  "--causal-router router (the router logits route and are trained through r * f)", flush=True)
 
     # (step, lr, LM loss sum, aux loss sum, grad norm, (global target count, global valid count))
     pending: List[Tuple[int, float, Tensor, Optional[Tensor], Tensor, Tuple[int, int]]] = []
@@ -860,6 +918,8 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             record_eval(step + 1)
         if save_due and not last:  # (the last step's checkpoint is saved after the loop)
             save_checkpoint(out, step + 1, model, opt, args, env, metrics)
+        if eval_due or save_due:
+            t_flush = time.perf_counter()  # CUDA step times: not the evaluation or the save
     bar.close()
 
     if stop == args.steps and args.eval_batches:
@@ -873,17 +933,25 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
     done = [s for s in metrics["steps"] if s["step"] > start]
     if done:
         med = statistics.median(s["step_time_s"] for s in done)
+        mean = statistics.fmean(s["step_time_s"] for s in done)
         metrics["median_step_time_s"] = med
-        metrics["tokens_per_s"] = tokens_per_step / med
+        metrics["tokens_per_s"] = tokens_per_step / med  # global batch tokens (padding included)
+        metrics["tokens_per_s_mean_step"] = tokens_per_step / mean  # stalls included
+        metrics["valid_token_fraction"] = 1.0 if args.pad_fraction == 0 else float(
+            sum(int(batches(s["step"] - 1)[2].sum()) for s in done[:8]) / (min(8, len(done)) * tokens_per_step))
     metrics["final_step"] = stop
     if env.is_main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if not args.no_plot:
-            _plot(metrics, out / "loss.png", f"{'dense' if args.dense else 'MoD'}: {corpus.name}, "
-                                            f"{W} process(es), {env.mode}")
-        last_eval = metrics["evals"][-1]["val_loss"] if metrics["evals"] else float("nan")
+            layout = f"{W} process(es), {env.mode}"
+            if metrics["resumed_from"]:
+                r = metrics["resumed_from"]
+                layout = f"steps 1-{r['step']}: {r['world_size']} process(es), {r['dist']}; later: {layout}"
+            _plot(metrics, out / "loss.png", f"{'dense' if args.dense else 'MoD'}: {corpus.name}, {layout}")
+        at_stop = [e["val_loss"] for e in metrics["evals"] if e["step"] == stop]
         tps = metrics.get("tokens_per_s")
-        print(f"mod_ext.train: step {stop}/{args.steps}: val loss {last_eval:.4f}"
+        print(f"mod_ext.train: step {stop}/{args.steps}"
+              + (f": val loss {at_stop[-1]:.4f}" if at_stop else "")
               + (f", causal {metrics['causal_val_loss']:.4f}" if "causal_val_loss" in metrics else "")
               + (f"; {tps:,.0f} tokens/s (median step {metrics['median_step_time_s'] * 1e3:.0f} ms)" if tps else "")
               + f"; wrote {out}", flush=True)
@@ -900,7 +968,7 @@ def _routing_quality(model: nn.Module, val_batches, args, env: DistEnv) -> Dict[
         xs = _rows(x, 0, 1, env.rank, env.world_size).to(env.device)
         vs = _rows(valid, 0, 1, env.rank, env.world_size)
         vs = None if vs is None else vs.to(env.device)
-        with _autocast(args, env):
+        with _autocast(args, env), _eval_mode_warnings():
             outs = model(xs, None, routing="topk", valid=vs, return_routing=True).mod_layer_outputs
         for layer, o in zip(_raw(model).mod_layers, outs):
             m = routing_metrics(o.causal_scores.float(), o.routing.indices, layer.causal_capacity(xs.shape[1]), vs)

@@ -272,7 +272,9 @@ def test_global_batches_padding():
 
 def test_global_batches_refuse_a_too_short_stream():
     with pytest.raises(ValueError, match="too short for --seq-len 16"):
-        train.GlobalBatches(torch.zeros(17, dtype=torch.uint8), 2, 16, seed=0)
+        train.GlobalBatches(torch.zeros(16, dtype=torch.uint8), 2, 16, seed=0)
+    x, y, _ = train.GlobalBatches(torch.arange(17, dtype=torch.uint8), 2, 16, seed=0)(0)  # one window fits
+    assert torch.equal(x[0], torch.arange(16)) and torch.equal(y[0], torch.arange(1, 17))
 
 
 @pytest.mark.parametrize("accum,world", [(1, 1), (1, 4), (4, 1), (2, 2), (2, 4), (8, 1), (1, 8)])
@@ -341,8 +343,11 @@ def test_lr_at_ends_at_min_lr(schedule):
     (["--stop-at", "7"], {}, f"--stop-at must be in [1, --steps = {QUICK_STEPS}], got 7"),
     (["--pad-fraction", "1"], {}, "--pad-fraction must be in [0, 1), got 1.0"),
     (["--data", "/nonexistent/corpus.txt"], {}, "--data /nonexistent/corpus.txt: no such file"),
+    (["--flops", "1e12", "--steps", "3"], {}, "--flops and --steps both set the number of steps"),
+    (["--resume", "/nonexistent/ckpt"], {}, "--resume /nonexistent/ckpt: no such directory"),
 ], ids=["dist-choice", "ddp-no-launcher", "fsdp2-no-launcher", "world-size-dist-none", "batch-accum",
-        "capacity-0", "capacity-1.5", "flops", "stop-at-0", "stop-at-7", "pad-fraction", "data"])
+        "capacity-0", "capacity-1.5", "flops", "stop-at-0", "stop-at-7", "pad-fraction", "data", "flops-and-steps",
+        "resume-missing"])
 def test_option_errors_name_the_option(argv, env, message, monkeypatch, capsys, tmp_path):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -353,6 +358,25 @@ def test_option_errors_name_the_option(argv, env, message, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists()  # nothing started
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit) as e:
+            train.main(BASE + ["--out", str(out), "--no-plot"])
+        assert e.value.code == 2 and f"{f} is not a directory" in capsys.readouterr().err
+
+
+def test_a_split_too_short_for_the_windows_names_it(tmp_path):
+    """tiny.txt's validation split (its last 10%, 390 bytes) cannot hold a 400-token
+    window: the error names the split and the longest --seq-len that works, and nothing is
+    written."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"the validation split .* has 390 tokens.*use --seq-len 389 or less"):
+        run(out, "--seq-len", "400")
+    assert not out.exists()
 
 
 def test_flops_budget_sets_the_steps():
@@ -427,6 +451,43 @@ def test_resume_auto(reference, tmp_path):
     second = run(out, "--resume", "auto")
     assert second["resumed_from"]["step"] == 3
     assert losses(second) == losses(reference[1])
+
+
+def test_resume_auto_of_a_finished_run_is_a_no_op(reference, tmp_path, capsys):
+    """A requeued job whose run already finished exits cleanly with the run's metrics."""
+    out = tmp_path / "done"
+    shutil.copytree(reference[0], out)
+    again = run(out, "--resume", "auto")
+    assert again == json.loads((reference[0] / "metrics.json").read_text())
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_resume_compares_the_data_by_content(tmp_path):
+    """The same text under another path resumes; other text under the same path is
+    refused (a path string alone would get both wrong)."""
+    text = tmp_path / "text.txt"
+    shutil.copy(FIXTURE, text)
+    out = tmp_path / "run"
+    argv = ["--stop-at", "3"]
+    train.main(["--data", str(text), "--quick", "--threads", "1", "--no-plot", "--out", str(out)] + argv)
+    copy = tmp_path / "elsewhere" / "copy.txt"
+    copy.parent.mkdir()
+    shutil.copy(FIXTURE, copy)
+    text.write_text(FIXTURE.read_text()[::-1])  # other content, same path
+    with pytest.raises(SystemExit, match=r"another configuration: the data \(SHA-256"):
+        train.main(["--data", str(text), "--quick", "--threads", "1", "--no-plot", "--out", str(out), "--resume"])
+    resumed = train.main(["--data", str(copy), "--quick", "--threads", "1", "--no-plot", "--out", str(out),
+                          "--resume"])
+    assert resumed["resumed_from"]["step"] == 3 and resumed["final_step"] == QUICK_STEPS
+
+
+def test_resume_with_another_grad_accum_continues_the_run(reference, tmp_path):
+    """Gradient accumulation does not change the step's gradient (the loss is normalised by
+    the global batch), so a resume may change it, e.g. to fit fewer devices."""
+    out = tmp_path / "accum"
+    run(out, "--stop-at", "3")
+    second = run(out, "--resume", "--grad-accum", "2")
+    assert losses(second) == pytest.approx(losses(reference[1]), rel=1e-5)
 
 
 def test_a_fresh_run_refuses_an_out_with_checkpoints(stopped):
