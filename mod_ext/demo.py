@@ -11,7 +11,7 @@ the two get the same training-FLOP budget (``--match flops``): the dense model t
 steps`` gives both the same number of steps instead.
 
 Writes to ``--out`` (default runs/demo): report.json, summary.md, loss_curves.png,
-routing.png.
+routing.png, and both trained models, dense.pt and mod.pt (``mod_ext.train.load_model``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from .layer import routing_metrics  # noqa: E402
 from .generation import MoDKVCache  # noqa: E402
 from .models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
 from .ops import threshold_route  # noqa: E402
-from .train import lr_at, make_optimizer  # noqa: E402  (one optimizer and schedule for both)
+from .train import lr_at, make_optimizer, save_model  # noqa: E402  (one optimizer and schedule for both)
 
 # Defaults of the full run and of --quick; explicit command-line values override both.
 FULL = dict(steps=160, batch_size=16, seq_len=256, d_model=128, n_layer=6, n_head=4,
@@ -168,7 +168,9 @@ def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_bat
             train_flops=3 * fpt * tokens_per_step * steps,
             flops_per_token=fpt,
             step_time_s=statistics.median(step_times),
-            tokens_per_s=tokens_per_step * steps / wall,
+            # from the median step: a stall of the machine (load) does not count as training
+            tokens_per_s=tokens_per_step / statistics.median(step_times),
+            tokens_per_s_wall=tokens_per_step * steps / wall,  # stalls included
             train_wall_s=wall,
             steps=steps,
             params=model.num_params(),
@@ -298,7 +300,7 @@ def summary_table(report: Dict) -> str:
         ("training steps", f"{d['steps']}", f"{m['steps']}"),
         ("training FLOPs", f"{d['train_flops']:.3g}", f"{m['train_flops']:.3g}"),
         ("median step time", f"{d['step_time_s'] * 1e3:.0f} ms", f"{m['step_time_s'] * 1e3:.0f} ms"),
-        ("training tokens / s", f"{d['tokens_per_s']:,.0f}", f"{m['tokens_per_s']:,.0f}"),
+        ("training tokens / s (median step)", f"{d['tokens_per_s']:,.0f}", f"{m['tokens_per_s']:,.0f}"),
         ("training wall-clock", f"{d['train_wall_s']:.1f} s", f"{m['train_wall_s']:.1f} s"),
         ("val loss (top-k routing)", f"{d['val_loss']:.4f}", f"{m['val_loss']:.4f}"),
         ("val loss (causal routing)", "-", f"{m['causal_val_loss']:.4f}"),
@@ -324,6 +326,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     """Run the demo; returns the report (also written to <out>/report.json)."""
     args = parse_args(argv)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,6 +382,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 f"{corpus.name}: dense vs MoD (c={args.capacity_factor}, every {args.mod_every} layers), "
                 f"matched {args.match}")
     plot_routing(model, passage, out / "routing.png")
+    # Both trained models, for sampling afterwards: mod_ext.train.load_model(out / "mod.pt")
+    save_model(out / "dense.pt", dense["model"])
+    save_model(out / "mod.pt", model)
 
     report = dict(
         config=dict(
@@ -410,6 +416,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     )
     timings["analysis_s"] = time.perf_counter() - t0  # causal eval, metrics, sample, plots
     report["timings"] = timings
+    report["load_avg_1min"] = dict(start=load_start, end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     report["total_wall_s"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = summary_table(report)
@@ -417,7 +424,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print()
     print(table)
     print(f"\nsample (MoD, causal routing):\n{sample}\n")
-    print(f"wrote {out / 'report.json'}, {out / 'loss_curves.png'}, {out / 'routing.png'} "
+    print(f"wrote {out / 'report.json'}, {out / 'loss_curves.png'}, {out / 'routing.png'}, "
+          f"{out / 'dense.pt'}, {out / 'mod.pt'} "
           f"({report['total_wall_s']:.0f} s)")
     return report
 

@@ -89,6 +89,7 @@ __all__ = [
     "make_optimizer",
     "model_config",
     "prepare_model",
+    "save_model",
     "frozen_parameters",
 ]
 
@@ -689,17 +690,29 @@ def load_model(path, map_location="cpu") -> MoDTransformer:
     return model.to(blob.get("dtype") and getattr(torch, blob["dtype"]) or torch.float32).eval()
 
 
-def _save_model(path: Path, model: nn.Module, cfg: ModelConfig, args, env: DistEnv) -> None:
+def save_model(path, model: MoDTransformer, state_dict: Optional[Dict[str, Tensor]] = None) -> None:
+    """Write ``model`` (its config and full state dict, on the CPU) to ``path`` in the
+    format :func:`load_model` reads, atomically (a temporary file renamed into place).
+    ``state_dict``: the full state dict when it is not ``model.state_dict()`` (a sharded
+    model's, gathered)."""
+    path = Path(path)
+    sd = model.state_dict() if state_dict is None else state_dict
+    dtype = next(iter(sd.values())).dtype if sd else torch.float32
+    blob = dict(kind="mod_ext.train.model", config=dataclasses.asdict(_raw(model).cfg),
+                dtype="float64" if dtype == torch.float64 else "float32",
+                state_dict={k: v.detach().cpu() for k, v in sd.items()})
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _save_model(path: Path, model: nn.Module, env: DistEnv) -> None:
+    """save_model of a (possibly DDP- or FSDP2-wrapped) model: every rank gathers, rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
-        blob = dict(kind="mod_ext.train.model", config=dataclasses.asdict(cfg),
-                    dtype="float64" if args.dtype == "float64" else "float32",
-                    state_dict={k: v.detach().cpu() for k, v in sd.items()})
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        save_model(path, _raw(model), sd)
 
 
 # --------------------------------------------------------------------------------------
@@ -929,7 +942,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             metrics.update(_routing_quality(model, val_batches, args, env))
     save_checkpoint(out, stop, model, opt, args, env, metrics)
     if stop == args.steps:
-        _save_model(out / "model.pt", model, cfg, args, env)
+        _save_model(out / "model.pt", model, env)
     done = [s for s in metrics["steps"] if s["step"] > start]
     if done:
         med = statistics.median(s["step_time_s"] for s in done)

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from mod_ext import data as mdata
 from mod_ext import demo
@@ -57,6 +58,13 @@ def test_demo_quick_on_tiny_text(tmp_path, offline):
     cfg = report["config"]
     assert cfg["corpus"] == "tiny.txt" and cfg["n_tokens"] == FIXTURE.stat().st_size
     assert cfg["quick"] and cfg["dense_steps"] > 0 and cfg["mod_steps"] > 0
+    for name in ("dense", "mod"):  # both trained models, to sample from afterwards
+        from mod_ext.train import load_model
+
+        m = load_model(out / f"{name}.pt")
+        assert (m.cfg.mod_every == 0) == (name == "dense") and not m.training
+        assert m.generate(torch.tensor([[84, 111]]), 4, temperature=0).shape == (1, 6)
+    assert report["mod"]["tokens_per_s_wall"] > 0 and "start" in report["load_avg_1min"]
     for png in ("loss_curves.png", "routing.png"):
         assert (out / png).stat().st_size > 1000
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
