@@ -237,7 +237,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.flops is not None:
         if not math.isfinite(args.flops) or args.flops <= 0:
             p.error(f"--flops must be a finite number > 0, got {args.flops}")
-        fpt = MoDTransformer(model_config(args, vocab_size=256)).flops_per_token(args.seq_len)
+        with torch.device("meta"):  # only the shapes are read: no weights allocated or initialised
+            fpt = MoDTransformer(model_config(args, vocab_size=256)).flops_per_token(args.seq_len)
         per_step = 3 * fpt * args.batch_size * args.seq_len
         steps = int(args.flops // per_step)
         if steps < 1:
@@ -811,9 +812,9 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             raise SystemExit(f"mod_ext.train: --resume: no complete checkpoint in {out / 'checkpoints'}")
     elif args.resume is not None:
         path = Path(args.resume)
-    elif latest_checkpoint(out) is not None:
+    elif (existing := latest_checkpoint(out)) is not None:
         raise SystemExit(f"mod_ext.train: --out {out} already holds checkpoints of a run "
-                         f"({latest_checkpoint(out).name}): pass --resume to continue it, or another --out")
+                         f"({existing.name}): pass --resume to continue it, or another --out")
     if path is not None and args.resume == "auto":
         done = json.loads((path / "train_state.json").read_text())
         if done.get("step", 0) >= args.steps and (out / "metrics.json").is_file():
@@ -865,7 +866,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         for (step, lr, _, aux, _, n), v, dt in zip(pending, vals, times):
             nt, nv = n
             rec = dict(step=step + 1, lr=lr, lm_loss=v[0] / nt, grad_norm=v[2], step_time_s=dt,
-                       tokens=tokens_per_step)
+                       tokens=tokens_per_step, valid_tokens=nv)
             rec["aux_loss"] = v[1] / nv if aux is not None else None
             rec["loss"] = rec["lm_loss"] + (args.aux_loss_weight * rec["aux_loss"] if aux is not None else 0.0)
             metrics["steps"].append(rec)
@@ -950,8 +951,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         metrics["median_step_time_s"] = med
         metrics["tokens_per_s"] = tokens_per_step / med  # global batch tokens (padding included)
         metrics["tokens_per_s_mean_step"] = tokens_per_step / mean  # stalls included
-        metrics["valid_token_fraction"] = 1.0 if args.pad_fraction == 0 else float(
-            sum(int(batches(s["step"] - 1)[2].sum()) for s in done[:8]) / (min(8, len(done)) * tokens_per_step))
+        metrics["valid_token_fraction"] = sum(s["valid_tokens"] for s in done) / (len(done) * tokens_per_step)
     metrics["final_step"] = stop
     if env.is_main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
