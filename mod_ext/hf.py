@@ -676,7 +676,7 @@ class _MoDCausalLMMixin:
         aux = None
         if collector:
             w = float(cfg.mod_ext["aux_loss_weight"])
-            parts = [router_aux_loss(mod.causal_scores(xd), idx, valid) for mod, xd, idx, valid in
+            parts = [router_aux_loss(mod.causal_logits(xd), idx, valid) for mod, xd, idx, valid in
                      (collector[k] for k in sorted(collector))]
             aux = w * torch.stack([p.float() for p in parts]).sum()
             n_items, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")

@@ -250,8 +250,6 @@ def _check_mod_block_args(x, router_weight, router_bias, valid, scores, routing,
             f"mod_ext.mod_block: router_activation must be one of {ROUTER_ACTIVATIONS}, got {router_activation!r}"
         )
     if scores is not None:
-        if routing != "causal":
-            raise ValueError("mod_ext.mod_block: scores are only used with routing='causal'")
         if not isinstance(scores, torch.Tensor) or scores.shape != (B, S):
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise ValueError(f"mod_ext.mod_block: scores must be a tensor of shape (B, S) = ({B}, {S}), got {got}")
@@ -340,8 +338,11 @@ def mod_block(
             the op is :func:`mod_ext.threshold_route`). For a decision that does not
             depend on the input length pass a capacity fixed by the longest input
             (:meth:`MoDBlock.causal_capacity` does).
-        scores: (B, S) causal scores (predictor logits) for routing="causal"; the
-            router logits when None.
+        scores: optional (B, S) scores that choose the tokens instead of the router
+            logits: causal scores (predictor logits) for routing="causal"; for
+            routing="topk", e.g. random scores (the paper's random-routing baseline,
+            ``MoDBlock(random_routing=True)``). The router weights ``act(z)`` still
+            scale the routed updates. Default: the router logits.
         inplace: False (default): x is never modified, ``output`` is a new tensor.
             True (inference only): the update is written into the C routed rows of x
             (:func:`mod_ext.scatter_add_weighted_`) and ``output`` is x itself, so
@@ -375,7 +376,8 @@ def mod_block(
 
     # Routing decisions are made on float32 logits (MOD_SPEC 1.1) and carry no gradient.
     if routing == "topk":
-        indices, slot_mask = topk_route(router_logits.detach().float(), capacity, valid)
+        src = router_logits if scores is None else scores
+        indices, slot_mask = topk_route(src.detach().float(), capacity, valid)
     else:
         src = router_logits if scores is None else scores
         indices, slot_mask = threshold_route(src.detach().float(), capacity, valid)
@@ -394,8 +396,8 @@ def topk_targets(router_logits: Tensor, indices: Tensor) -> Tensor:
 def _masked_mean(values: Tensor, valid: Optional[Tensor]) -> Tensor:
     if valid is None:
         return values.mean()
-    v = valid.to(values.dtype)
-    return (values * v).sum() / v.sum().clamp_min(1.0)
+    # where, not values * valid: a NaN at a padding token (0 * NaN = NaN) must not leak in
+    return torch.where(valid, values, 0).sum() / valid.to(values.dtype).sum().clamp_min(1.0)
 
 
 def _check_targets(where: str, name: str, logits, indices, valid) -> None:
@@ -450,11 +452,17 @@ def _aux_bce(router_logits: Tensor, indices: Tensor, valid: Optional[Tensor]) ->
 
 
 class RoutingMetrics(NamedTuple):
-    """How well a causal score predicts top-k membership (0-d float tensors)."""
+    """How well causal routing finds the top-k tokens (0-d float32 tensors).
 
-    accuracy: Tensor  #: fraction of valid tokens where (score > 0) == top-k membership
-    recall: Tensor  #: fraction of top-k tokens that causal routing (threshold_route) also routes
+    All four compare the decisions causal routing actually makes (``threshold_route``:
+    score > 0, first come first served, at most ``capacity`` per row) with top-k
+    membership, over valid tokens.
+    """
+
+    accuracy: Tensor  #: fraction of valid tokens where the causal decision == top-k membership
+    recall: Tensor  #: fraction of top-k tokens that causal routing also routes
     routed_fraction: Tensor  #: fraction of valid tokens that causal routing routes
+    precision: Tensor  #: fraction of causally routed tokens that are in the top-k (1 when none routes)
 
 
 def routing_metrics(
@@ -462,16 +470,26 @@ def routing_metrics(
 ) -> RoutingMetrics:
     """Compare causal routing by ``scores`` with expert-choice top-k ``indices``.
 
-    At capacity 0.125 a score that never routes is already 87.5% accurate, so recall
-    (the fraction of top-k tokens causal routing also routes) is reported beside
-    accuracy. Computed on device, no host sync (the index-range check runs on the CPU
-    in eager mode only).
+    Causal routing is the rule sampling uses (:func:`mod_ext.threshold_route`: a token
+    is routed when its score > 0 and fewer than ``capacity`` earlier tokens of its row
+    were), so a token the capacity cap turns away counts as not routed. At capacity
+    factor 0.125 a rule that never routes is already 87.5% accurate, so recall (the
+    fraction of top-k tokens causal routing also routes) and precision are reported
+    beside accuracy (paper Section 3.5 / Figure 6 reports the predictor's accuracy).
+    Computed on device, no host sync (the index-range check runs on the CPU in eager
+    mode only). Sums over the batch: average over batches weighted by their valid
+    token counts for an exact mean.
 
     Args:
-        scores: (B, S) float causal scores (predictor or router logits).
-        indices: (B, C) int64 top-k positions (the targets).
+        scores: (B, S) float causal scores (``MoDBlockOutput.causal_scores``: predictor
+            or router logits minus the calibrated threshold).
+        indices: (B, C) int64 top-k positions (the targets; padding slots of a padded
+            row repeat a routed position, which changes nothing here).
         capacity: causal routing's capacity (slots per row, an int in [1, S]).
-        valid: optional (B, S) bool.
+        valid: optional (B, S) bool; padding tokens are left out.
+
+    Returns:
+        :class:`RoutingMetrics` ``(accuracy, recall, routed_fraction, precision)``.
 
     Raises:
         ValueError: shapes or dtypes that do not match (the message names the argument).
@@ -480,15 +498,16 @@ def routing_metrics(
     targets = topk_targets(scores.float(), indices) > 0.5
     if valid is not None:
         targets = targets & valid
-    agree = ((scores > 0) == targets).float()
     c_idx, c_mask = threshold_route(scores.detach().float(), capacity, valid)
     causal = torch.zeros_like(targets).scatter(1, c_idx, c_mask)
+    agree = (causal == targets).float()
     hits = (causal & targets).float().sum()
-    recall = hits / targets.float().sum().clamp_min(1.0)
+    n_routed = causal.float().sum()
     return RoutingMetrics(
         accuracy=_masked_mean(agree, valid),
-        recall=recall,
+        recall=hits / targets.float().sum().clamp_min(1.0),
         routed_fraction=_masked_mean(causal.float(), valid),
+        precision=torch.where(n_routed > 0, hits / n_routed.clamp_min(1.0), torch.ones_like(hits)),
     )
 
 
@@ -570,6 +589,7 @@ class MoDBlock(nn.Module):
         max_seq_len: Optional[int] = None,
         predictor_hidden: Optional[int] = None,
         block_returns_residual: bool = False,
+        random_routing: bool = False,
     ):
         super().__init__()
         d_model = as_int(d_model, "d_model", 1, where="MoDBlock")
@@ -593,6 +613,12 @@ class MoDBlock(nn.Module):
         # (1,), not 0-d: FSDP2's fully_shard refuses scalar parameters
         self.router_bias = nn.Parameter(torch.zeros(1))
         self.predictor = MoDPredictor(d_model, predictor_hidden) if causal_router == "predictor" else None
+        if not isinstance(random_routing, bool):
+            raise ValueError(f"MoDBlock: random_routing must be True or False, got {random_routing!r}")
+        self.random_routing = random_routing
+        # Causal routing routes a token when its causal logit > causal_threshold (0 until
+        # calibrated: calibrate_causal_threshold). A buffer, so state dicts carry it.
+        self.register_buffer("causal_threshold", torch.zeros(1))
         self.routing = "topk"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -600,6 +626,9 @@ class MoDBlock(nn.Module):
         key = prefix + "router_bias"
         if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].dim() == 0:
             state_dict[key] = state_dict[key].reshape(1)
+        # ... and no causal_threshold (then uncalibrated: 0).
+        if prefix + "causal_threshold" not in state_dict and prefix + "router_weight" in state_dict:
+            state_dict[prefix + "causal_threshold"] = torch.zeros_like(self.causal_threshold)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
@@ -650,13 +679,67 @@ class MoDBlock(nn.Module):
             raise ValueError(f"MoDBlock: input length {seq_len} exceeds max_seq_len = {self.max_seq_len}")
         return torch.sym_min(seq_len, capacity_for(self.max_seq_len, self.capacity_factor))
 
-    def causal_scores(self, x: Tensor) -> Tensor:
-        """(B, S) causal scores of x (B, S, D) (> 0 routes causally): the predictor's
-        logits (float32; float64 for float64 x), or the router logits (float32; float64 for float64 x) with
-        ``causal_router="router"``. Decisions are made on their float32 rounding."""
+    def causal_logits(self, x: Tensor) -> Tensor:
+        """(B, S) causal logits of x (B, S, D), what the aux loss trains towards top-k
+        membership: the predictor's logits, or the router logits with
+        ``causal_router="router"`` (float32; float64 for float64 x)."""
         if self.predictor is not None:
             return self.predictor(x)
         return _router_logits(x, self.router_weight, self.router_bias)
+
+    def causal_scores(self, x: Tensor) -> Tensor:
+        """(B, S) causal scores of x (B, S, D): ``causal_logits(x) - causal_threshold``;
+        a token is routed causally when its score > 0. Decisions are made on the float32
+        rounding."""
+        return self.causal_logits(x) - self.causal_threshold.to(torch.float32)
+
+    @torch.no_grad()
+    def calibrate_causal_threshold(self, logits: Tensor, valid: Optional[Tensor] = None,
+                                   rate: Optional[float] = None) -> float:
+        """Set ``causal_threshold`` so that a fraction ``rate`` (default the capacity
+        factor) of the given causal logits exceeds it: their ``1 - rate`` quantile.
+
+        A causal rule trained by BCE (the predictor, or the router's aux loss) sits at
+        logit 0 only if its classes are balanced; the positives are c of the tokens, so
+        its threshold is calibrated to the capacity on training data instead (paper
+        Section 3.5 trains the rule; the calibration is mod_ext's, measured in
+        benchmarks/RESULTS.md "Causal routing").
+
+        Args:
+            logits: (B, S) float causal logits (:meth:`causal_logits`, or
+                ``MoDBlockOutput.causal_scores + causal_threshold``) of training text in
+                top-k mode.
+            valid: optional (B, S) bool; padding is left out.
+            rate: the fraction to route, in (0, 1]; default ``min(1, capacity_factor)``.
+
+        Returns:
+            The threshold (a float; also stored in the buffer).
+
+        Raises:
+            ValueError: logits not (B, S) floating point, a valid mask of another shape,
+                rate outside (0, 1], no (valid) logits, or non-finite logits.
+        """
+        where = "MoDBlock.calibrate_causal_threshold"
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+            got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{where}: logits must be a floating-point tensor of shape (B, S), got {got}")
+        _check_valid(where, valid, *logits.shape)
+        rate = min(1.0, float(self.capacity_factor)) if rate is None else rate
+        if not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
+            raise ValueError(f"{where}: rate must be a number in (0, 1], got {rate!r}")
+        values = logits.detach().float().flatten() if valid is None else logits.detach().float()[valid]
+        if values.numel() == 0:
+            raise ValueError(f"{where}: no valid logits to calibrate on")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{where}: the logits hold NaN/inf (the router or predictor has diverged)")
+        # The largest threshold with at least rate * n values above it: value (1 - rate) n from the top.
+        k = min(values.numel(), max(1, math.ceil(round(rate * values.numel(), 9))))
+        top = torch.topk(values, min(values.numel(), k + 1)).values
+        thr = float(top[k]) if k < values.numel() else float(values.min()) - 1.0
+        # Half way to the next value up, so a small rounding change does not flip a token.
+        thr = 0.5 * (thr + float(top[k - 1])) if k < values.numel() else thr
+        self.causal_threshold.fill_(thr)
+        return thr
 
     def _check_x(self, x: Tensor, where: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -714,24 +797,29 @@ class MoDBlock(nn.Module):
         self._check_positions(positions, x.shape[:2], "MoDBlock")
         block_fn = self._block_fn(positions, block=self._block(block, "MoDBlock"))
         pred = self.predictor(x) if self.predictor is not None else None  # (B, S), x detached
+        thr = self.causal_threshold.to(torch.float32)
         if mode == "topk":
+            # Random routing (the paper's baseline): top-k over fresh uniform scores.
+            rand = torch.rand(x.shape[:2], device=x.device) if self.random_routing else None
             out = mod_block(
                 x, self.router_weight, block_fn,
                 capacity_factor=self.capacity_factor, router_bias=self.router_bias, valid=valid,
-                router_activation=self.router_activation, routing="topk", inplace=inplace,
+                router_activation=self.router_activation, routing="topk", scores=rand, inplace=inplace,
             )
             # Trains causal routing: the predictor (stop-gradient) or the router itself.
-            scores = pred if pred is not None else out.router_logits
-            aux = _aux_bce(scores, out.indices, valid)
+            logits = pred if pred is not None else out.router_logits
+            aux = _aux_bce(logits, out.indices, valid)
+            scores = logits.detach() - thr
         else:
+            logits = pred if pred is not None else _router_logits(x, self.router_weight, self.router_bias)
+            scores = logits.detach() - thr
             out = mod_block(
                 x, self.router_weight, block_fn,
                 capacity=self.causal_capacity(x.shape[1]), router_bias=self.router_bias, valid=valid,
-                router_activation=self.router_activation, routing="causal", scores=pred, inplace=inplace,
+                router_activation=self.router_activation, routing="causal", scores=scores, inplace=inplace,
             )
-            scores = pred if pred is not None else out.router_logits
             aux = None
-        return MoDBlockOutput(out.output, aux, out, scores.detach())
+        return MoDBlockOutput(out.output, aux, out, scores)
 
     # ------------------------------------------------------------------ sampling
 
@@ -811,7 +899,7 @@ class MoDBlock(nn.Module):
         out = mod_block(
             x, self.router_weight, self._block_fn(positions, cache.prefill_write, block), capacity=C,
             router_bias=self.router_bias, valid=valid, router_activation=self.router_activation,
-            routing="causal", scores=scores if self.predictor is not None else None, inplace=inplace,
+            routing="causal", scores=scores, inplace=inplace,
         )
         cache.record_prefill(out.slot_mask, wanted)
         return MoDBlockOutput(out.output, None, out, scores.detach())

@@ -65,6 +65,7 @@ class ModelConfig:
     aux_loss_weight: float = 0.1  # weight of the MoD layers' aux loss (predictor BCE or router BCE), >= 0
     predictor_hidden: Optional[int] = None  # predictor MLP width; None = max(16, d_model // 4)
     rope_base: float = 10000.0  # rotary frequency base, > 1
+    random_routing: bool = False  # top-k over random scores, not the router's (the paper's baseline)
 
     def __post_init__(self):
         # NumPy and other integer scalars are stored as Python ints (so configs compare,
@@ -87,6 +88,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: router_activation must be one of {ROUTER_ACTIVATIONS}, got {self.router_activation!r}"
             )
+        if not isinstance(self.random_routing, bool):
+            raise ValueError(f"ModelConfig: random_routing must be True or False, got {self.random_routing!r}")
         if self.causal_router not in ("predictor", "router"):
             raise ValueError(f"ModelConfig: causal_router must be 'predictor' or 'router', got {self.causal_router!r}")
         if self.d_model % self.n_head != 0 or (self.d_model // self.n_head) % 2 != 0:
@@ -310,6 +313,7 @@ class MoDTransformer(nn.Module):
                     block, cfg.d_model, capacity_factor=cfg.capacity_factor,
                     router_activation=cfg.router_activation, causal_router=cfg.causal_router,
                     max_seq_len=cfg.block_size, predictor_hidden=cfg.predictor_hidden,
+                    random_routing=cfg.random_routing,
                 )
             layers.append(block)
         self.layers = nn.ModuleList(layers)
@@ -456,6 +460,58 @@ class MoDTransformer(nn.Module):
                  causal_capacity=m.causal_capacity(idx.shape[1]))
             for depth, m, o in zip(self.mod_layer_ids, self.mod_layers, outs)
         ]
+
+    @torch.no_grad()
+    def calibrate_causal_routing(self, batches, rate: Optional[float] = None) -> List[float]:
+        """Calibrate every MoD layer's causal threshold on training text.
+
+        Runs each batch in top-k mode and sets each layer's ``causal_threshold`` so that
+        a fraction ``rate`` (default its capacity factor) of the valid tokens' causal
+        logits exceed it (:meth:`mod_ext.MoDBlock.calibrate_causal_threshold`). The
+        language model is unchanged: only which tokens causal routing picks moves.
+
+        Args:
+            batches: an iterable of (B, T) int64 token ids, or of ``(idx, valid)`` pairs
+                with a (B, T) bool valid mask (or None).
+            rate: the fraction of tokens to route causally (default: capacity factor).
+
+        Returns:
+            The thresholds, one per MoD layer in depth order (empty for a dense model).
+
+        Raises:
+            ValueError: no batches; bad idx/valid (as :meth:`forward`); non-finite logits.
+        """
+        mods = self.mod_layers
+        if not mods:
+            return []
+        logits: List[List[Tensor]] = [[] for _ in mods]
+        masks: List[Optional[Tensor]] = []
+        was_training, old = self.training, [m.causal_threshold.clone() for m in mods]
+        self.eval()
+        try:
+            for m in mods:  # causal_scores are then the raw causal logits, bit for bit
+                m.causal_threshold.zero_()
+            for batch in batches:
+                idx, valid = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                outs = self(idx, routing="topk", valid=valid, return_routing=True).mod_layer_outputs
+                for i, o in enumerate(outs):
+                    logits[i].append(o.causal_scores.float().cpu())
+                masks.append(None if valid is None else valid.cpu())
+        except BaseException:
+            for m, t in zip(mods, old):
+                m.causal_threshold.copy_(t)
+            raise
+        finally:
+            self.train(was_training)
+        if not masks:
+            for m, t in zip(mods, old):
+                m.causal_threshold.copy_(t)
+            raise ValueError("MoDTransformer.calibrate_causal_routing: batches is empty")
+        valid = None
+        if any(v is not None for v in masks):
+            valid = torch.cat([torch.ones_like(z, dtype=torch.bool) if v is None else v
+                               for z, v in zip(logits[0], masks)])
+        return [m.calibrate_causal_threshold(torch.cat(z), valid, rate) for m, z in zip(mods, logits)]
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Forward FLOPs per token at sequence length seq_len (default block_size), topk mode.

@@ -17,6 +17,8 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 import mod_ext
 from mod_ext import reference as R
+from mod_ext.layer import MoDBlock
+from mod_ext.models import ModelConfig, MoDTransformer
 from tests.helpers import (
     DEVICES,
     assert_bitwise_equal,
@@ -373,21 +375,66 @@ def test_routing_metrics_constructed(device):
     scores = torch.tensor([[2.0, -1.0, 3.0, 0.5], [-1.0, 1.0, 1.0, 1.0]], device=device)
     indices = torch.tensor([[0, 1], [2, 3]], device=device)  # top-k membership targets
     m = mod_ext.routing_metrics(scores, indices, capacity=2)
-    # row 0: targets [1,1,0,0], score>0 [1,0,1,1] -> agree 1/4; causal routes 0, 2 -> hit 0
-    # row 1: targets [0,0,1,1], score>0 [0,1,1,1] -> agree 3/4; causal routes 1, 2 -> hit 2
+    # Decisions are causal routing's, capped at 2 per row, first come first served:
+    # row 0: targets [1,1,0,0], routes 0, 2 (3 wanted but the cap is full) -> [1,0,1,0]: agree 2/4, hit 1
+    # row 1: targets [0,0,1,1], routes 1, 2 -> [0,1,1,0]: agree 2/4, hit 1
     assert abs(float(m.accuracy) - 4 / 8) < 1e-6, m
     assert abs(float(m.recall) - 2 / 4) < 1e-6, m
     assert abs(float(m.routed_fraction) - 4 / 8) < 1e-6, m
+    assert abs(float(m.precision) - 2 / 4) < 1e-6, m
     valid = torch.tensor([[T, T, T, F_], [T, T, T, T]], device=device)
     m = mod_ext.routing_metrics(scores, indices, capacity=2, valid=valid)
-    # row 0 over 3 valid tokens: agree [1,0,0] ; row 1 as before: 3/4 -> 4/7
-    assert abs(float(m.accuracy) - 4 / 7) < 1e-6, m
+    # row 0 over 3 valid tokens: agree [1,0,0]; row 1 as before: 2/4 -> 3/7
+    assert abs(float(m.accuracy) - 3 / 7) < 1e-6, m
     assert abs(float(m.recall) - 2 / 4) < 1e-6, m
     assert abs(float(m.routed_fraction) - 4 / 7) < 1e-6, m
     # a perfect causal score
     perfect = torch.tensor([[1.0, 1.0, -1.0, -1.0], [-1.0, -1.0, 1.0, 1.0]], device=device)
     m = mod_ext.routing_metrics(perfect, indices, capacity=2)
     assert float(m.accuracy) == 1.0 and float(m.recall) == 1.0 and float(m.routed_fraction) == 0.5
+    assert float(m.precision) == 1.0
+    # never routing: accuracy 1 - c, recall 0, precision 1 (nothing routed wrongly)
+    m = mod_ext.routing_metrics(-perfect.abs(), indices, capacity=2)
+    assert float(m.accuracy) == 0.5 and float(m.recall) == 0.0 and float(m.precision) == 1.0
+
+
+def _metrics_oracle(scores, indices, capacity, valid):
+    """Plain-Python routing_metrics: causal routing token by token, then counts."""
+    B, S = scores.shape
+    agree = n = hits = pos = routed = 0
+    for b in range(B):
+        tgt = set(indices[b].tolist())
+        taken = 0
+        for t in range(S):
+            if valid is not None and not valid[b, t]:
+                continue
+            route = float(scores[b, t]) > 0 and taken < capacity
+            taken += route
+            is_tgt = t in tgt
+            agree += route == is_tgt
+            n += 1
+            hits += route and is_tgt
+            pos += is_tgt
+            routed += route
+    return agree / n, hits / max(pos, 1), routed / n, hits / routed if routed else 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 83), (2, 1)])
+def test_routing_metrics_oracle(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    B, S = shape
+    for c in (0.125, 0.5):
+        C = mod_ext.capacity_for(S, c)
+        scores = torch.randn(B, S, generator=g)
+        scores[:, ::3] = 0.0  # ties at the threshold: 0 does not route
+        valid = torch.rand(B, S, generator=g) > 0.2
+        valid[:, -1] = True
+        idx, _ = mod_ext.topk_route(torch.randn(B, S, generator=g), C, valid)
+        for v in (None, valid):
+            m = mod_ext.routing_metrics(scores, idx, C, v)
+            exp = _metrics_oracle(scores, idx, C, v)
+            got = (float(m.accuracy), float(m.recall), float(m.routed_fraction), float(m.precision))
+            assert max(abs(a - b) for a, b in zip(got, exp)) < 1e-6, (got, exp)
 
 
 # --------------------------------------------------------------------------------------
@@ -747,7 +794,7 @@ def test_modblock_deepcopy_and_state_dict_after_training_forward():
     fresh = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, max_seq_len=16)
     fresh.load_state_dict(blk.state_dict())
     assert_bitwise_equal(fresh(x.detach()).output, blk(x.detach()).output, "state_dict round trip")
-    assert set(blk.state_dict()) == {"router_weight", "router_bias", "block.lin.weight", "block.lin.bias",
+    assert set(blk.state_dict()) == {"router_weight", "router_bias", "causal_threshold", "block.lin.weight", "block.lin.bias",
                                      "predictor.net.0.weight", "predictor.net.0.bias", "predictor.net.2.weight",
                                      "predictor.net.2.bias"}
 
@@ -1259,8 +1306,8 @@ def test_mod_block_bad_args(device):
         mod_ext.mod_block(x, rw, _tanh_block, routing="threshold")
     with pytest.raises(ValueError, match="router_activation must be one of"):
         mod_ext.mod_block(x, rw, _tanh_block, router_activation="softmax")
-    with pytest.raises(ValueError, match="scores are only used with routing='causal'"):
-        mod_ext.mod_block(x, rw, _tanh_block, scores=torch.randn(2, 8, device=device))
+    with pytest.raises(ValueError, match="scores must be a tensor of shape"):
+        mod_ext.mod_block(x, rw, _tanh_block, scores=torch.randn(2, 7, device=device))
     with pytest.raises(ValueError, match="scores must be a tensor of shape"):
         mod_ext.mod_block(x, rw, _tanh_block, routing="causal", scores=torch.randn(2, 7, device=device))
     with pytest.raises(ValueError, match="scores must be a tensor of shape"):
@@ -1401,3 +1448,140 @@ def test_mod_block_block_fn_and_inplace_types():
         mod_ext.mod_block(x, rw, None)
     with torch.no_grad(), pytest.raises(ValueError, match="inplace must be True or False, got 'yes'"):
         mod_ext.mod_block(x, rw, _tanh_block, inplace="yes")
+
+
+# --------------------------------------------------------------------------------------
+# Top-k over given scores (random routing), causal thresholds and their calibration
+# --------------------------------------------------------------------------------------
+
+
+def test_mod_block_topk_over_given_scores():
+    """routing="topk" with scores: the top-k of the scores are routed, the router weights
+    act(z) still scale them (oracle: reference.mod_block_reference's maths by hand)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    rw = torch.randn(6, generator=g, dtype=torch.float64)
+    scores = torch.randn(2, 9, generator=g)
+    out = mod_ext.mod_block(x, rw, _tanh_block, capacity=3, scores=scores)
+    exp_idx = scores.topk(3, dim=1).indices.sort(1).values
+    assert torch.equal(out.indices, exp_idx)
+    z = x @ rw
+    exp = x.clone()
+    for b in range(2):
+        sel = exp_idx[b]
+        f = _tanh_block(x[b, sel][None], sel[None], torch.ones(1, 3, dtype=torch.bool))[0]
+        exp[b, sel] += torch.sigmoid(z[b, sel])[:, None] * f
+    assert_close(out.output, exp, "top-k over scores")
+
+
+def test_random_routing_block_and_model():
+    cfg = ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=16, random_routing=True)
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg)
+    idx = torch.randint(0, 32, (4, 16))
+    a = model(idx, idx, return_routing=True)
+    b = model(idx, idx, return_routing=True)
+    ia, ib = a.mod_layer_outputs[0].routing.indices, b.mod_layer_outputs[0].routing.indices
+    assert not torch.equal(ia, ib)  # fresh random scores per call, not the router's choice
+    torch.manual_seed(1)
+    c = model(idx, idx, return_routing=True).mod_layer_outputs[0].routing.indices
+    torch.manual_seed(1)
+    d = model(idx, idx, return_routing=True).mod_layer_outputs[0].routing.indices
+    assert torch.equal(c, d)  # seeded like every torch random op
+    a.loss.backward()  # gradients still reach the router through r * f
+    assert model.layers[1].router_weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="random_routing must be True or False"):
+        ModelConfig(random_routing="yes")
+    with pytest.raises(ValueError, match="random_routing must be True or False"):
+        MoDBlock(nn.Linear(4, 4), 4, random_routing=1)
+
+
+def test_causal_threshold_shifts_causal_routing():
+    """causal_threshold moves the causal rule's cut (logit > threshold) in forward,
+    prefill and decode alike; the aux loss still trains the raw logits."""
+    cfg = ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=16)
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg)
+    layer = model.layers[1]
+    x = torch.randn(3, 16, 16)
+    logits = layer.causal_logits(x)
+    layer.causal_threshold.fill_(0.05)
+    assert_close(layer.causal_scores(x), logits - 0.05, "scores")
+    out = layer(x, routing="causal")
+    exp_idx, exp_mask = mod_ext.threshold_route(logits.detach() - 0.05, layer.causal_capacity(16))
+    assert torch.equal(out.routing.indices, exp_idx) and torch.equal(out.routing.slot_mask, exp_mask)
+    top = layer(x, routing="topk")
+    assert_close(top.aux_loss, mod_ext.router_aux_loss(logits, top.routing.indices), "aux on raw logits")
+    assert_close(top.causal_scores, logits.detach() - 0.05, "reported scores")
+    # sampling through the KV cache follows the same rule: prefill + decode == full causal recompute
+    idx = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        full = model(idx, routing="causal").logits[:, -1]
+        cache = model.allocate_cache(2, 16)
+        model.prefill(idx[:, :8], cache)
+        for t in range(8, 12):
+            last = model.decode_step(idx[:, t], cache)
+    assert_close(last, full, "decode with a threshold")
+
+
+@pytest.mark.parametrize("rate", [None, 0.3])
+def test_calibrate_causal_threshold(rate):
+    g = torch.Generator().manual_seed(3)
+    layer = MoDBlock(nn.Linear(8, 8), 8, capacity_factor=0.125, max_seq_len=83)
+    logits = torch.randn(5, 83, generator=g)
+    valid = torch.rand(5, 83, generator=g) > 0.3
+    thr = layer.calibrate_causal_threshold(logits, valid, rate)
+    assert layer.causal_threshold.item() == pytest.approx(thr)
+    vals = logits[valid]
+    want = math.ceil((rate or 0.125) * vals.numel())
+    assert int((vals > thr).sum()) == want  # exactly the rate (no ties in random data)
+    assert layer.calibrate_causal_threshold(logits, None, 1.0) < logits.min()  # everything routes
+    for bad, msg in ((logits[0], "logits must be a floating-point tensor of shape"),
+                     (torch.full((2, 3), float("nan")), "NaN/inf")):
+        with pytest.raises(ValueError, match=msg):
+            layer.calibrate_causal_threshold(bad)
+    with pytest.raises(ValueError, match="rate must be a number in"):
+        layer.calibrate_causal_threshold(logits, rate=0.0)
+    with pytest.raises(ValueError, match="no valid logits"):
+        layer.calibrate_causal_threshold(logits, torch.zeros(5, 83, dtype=torch.bool))
+
+
+def test_model_calibrate_causal_routing_and_state_dict():
+    cfg = ModelConfig(vocab_size=32, block_size=32, n_layer=4, n_head=2, d_model=16)
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg)
+    batches = [torch.randint(0, 32, (4, 32)) for _ in range(3)]
+    valid = torch.ones(4, 32, dtype=torch.bool)
+    valid[:, :5] = False
+    twin = MoDTransformer(cfg)
+    twin.load_state_dict(model.state_dict())  # uncalibrated: its causal scores are the raw logits
+    model.layers[1].causal_threshold.fill_(3.0)  # a previous calibration does not leak into the next
+    thr = model.calibrate_causal_routing([batches[0], (batches[1], valid), (batches[2], None)])
+    assert len(thr) == 2
+    # oracle: the quantile of the layers' causal logits over the valid tokens
+    with torch.no_grad():
+        outs = [twin(b, routing="topk", valid=valid if i == 1 else None, return_routing=True).mod_layer_outputs
+                for i, b in enumerate(batches)]
+    for j, t in enumerate(thr):
+        vals = torch.cat([outs[0][j].causal_scores.flatten(), outs[1][j].causal_scores[valid],
+                          outs[2][j].causal_scores.flatten()])
+        assert int((vals > t).sum()) == math.ceil(0.125 * vals.numel())
+    # the language model itself is unchanged: logits equal the uncalibrated twin's
+    with torch.no_grad():
+        assert torch.equal(twin(batches[0]).logits, model(batches[0]).logits)
+    sd = model.state_dict()
+    twin.load_state_dict({k: v for k, v in sd.items() if not k.endswith("causal_threshold")})  # old dicts load
+    assert all(float(m.causal_threshold) == 0.0 for m in twin.mod_layers)
+    twin.load_state_dict(sd)
+    assert [float(m.causal_threshold) for m in twin.mod_layers] == pytest.approx(thr)
+    with pytest.raises(ValueError, match="batches is empty"):
+        model.calibrate_causal_routing([])
+
+
+def test_aux_loss_ignores_nan_at_padding():
+    z = torch.randn(1, 6, generator=gen(2))
+    v = torch.tensor([[True] * 4 + [False] * 2])
+    idx, _ = mod_ext.topk_route(z, 2, v)
+    clean = mod_ext.router_aux_loss(z, idx, v)
+    z[0, 5] = float("nan")  # a padding token's logit
+    assert_close(mod_ext.router_aux_loss(z, idx, v), clean, "padding NaN")
