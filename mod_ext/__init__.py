@@ -22,6 +22,7 @@ from .ops import (
     threshold_route,
     topk_route,
 )
+from .health import RouterHealth, RouterHealthError
 from .kv_cache import CachedBlock, DenseLayerCache, MoDLayerCache
 from .layer import (
     MoDBlock,
@@ -29,6 +30,7 @@ from .layer import (
     MoDOutput,
     MoDPredictor,
     RoutingMetrics,
+    calibrated_threshold,
     capacity_for,
     default_decode_capacity,
     mod_block,
@@ -54,6 +56,7 @@ __all__ = [
     "topk_targets",
     "routing_metrics",
     "RoutingMetrics",
+    "calibrated_threshold",
     "MoDPredictor",
     "MoDBlock",
     "MoDBlockOutput",
@@ -61,4 +64,6 @@ __all__ = [
     "CachedBlock",
     "MoDLayerCache",
     "DenseLayerCache",
+    "RouterHealth",
+    "RouterHealthError",
 ]

@@ -60,6 +60,7 @@ __all__ = [
     "router_aux_loss",
     "topk_targets",
     "routing_metrics",
+    "calibrated_threshold",
     "MoDPredictor",
     "MoDBlock",
 ]
@@ -382,6 +383,40 @@ def mod_block(
         src = router_logits if scores is None else scores
         indices, slot_mask = threshold_route(src.detach().float(), capacity, valid)
     return _apply(x, router_logits, indices, slot_mask, block_fn, router_activation, inplace, "mod_ext.mod_block")
+
+
+def calibrated_threshold(logits: Tensor, rate: float, valid: Optional[Tensor] = None, *,
+                         where: str = "mod_ext.calibrated_threshold") -> float:
+    """The threshold a fraction ``rate`` of the (valid) ``logits`` exceed: half way between
+    the ``ceil(rate * n)``-th and the next largest value (below every value at rate 1).
+    Reads the logits on the host (a calibration step, not a training-step op).
+
+    Args:
+        logits: (B, S) float causal logits (predictor or router) of training text.
+        rate: the fraction to route, in (0, 1] (the capacity factor, for causal routing).
+        valid: optional (B, S) bool; padding is left out.
+
+    Raises:
+        ValueError: logits not (B, S) floating point, a valid mask of another shape,
+            rate outside (0, 1], no (valid) logits, or non-finite logits.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{where}: logits must be a floating-point tensor of shape (B, S), got {got}")
+    _check_valid(where, valid, *logits.shape)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
+        raise ValueError(f"{where}: rate must be a number in (0, 1], got {rate!r}")
+    values = logits.detach().float().flatten() if valid is None else logits.detach().float()[valid]
+    n = values.numel()
+    if n == 0:
+        raise ValueError(f"{where}: no valid logits to calibrate on")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{where}: the logits hold NaN/inf (the router or predictor has diverged)")
+    k = min(n, max(1, math.ceil(round(rate * n, 9))))  # values to route
+    if k == n:
+        return float(values.min()) - 1.0
+    top = torch.topk(values, k + 1).values  # descending
+    return 0.5 * (float(top[k - 1]) + float(top[k]))
 
 
 def topk_targets(router_logits: Tensor, indices: Tensor) -> Tensor:
@@ -719,25 +754,8 @@ class MoDBlock(nn.Module):
             ValueError: logits not (B, S) floating point, a valid mask of another shape,
                 rate outside (0, 1], no (valid) logits, or non-finite logits.
         """
-        where = "MoDBlock.calibrate_causal_threshold"
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-            got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"{where}: logits must be a floating-point tensor of shape (B, S), got {got}")
-        _check_valid(where, valid, *logits.shape)
-        rate = min(1.0, float(self.capacity_factor)) if rate is None else rate
-        if not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
-            raise ValueError(f"{where}: rate must be a number in (0, 1], got {rate!r}")
-        values = logits.detach().float().flatten() if valid is None else logits.detach().float()[valid]
-        if values.numel() == 0:
-            raise ValueError(f"{where}: no valid logits to calibrate on")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{where}: the logits hold NaN/inf (the router or predictor has diverged)")
-        # The largest threshold with at least rate * n values above it: value (1 - rate) n from the top.
-        k = min(values.numel(), max(1, math.ceil(round(rate * values.numel(), 9))))
-        top = torch.topk(values, min(values.numel(), k + 1)).values
-        thr = float(top[k]) if k < values.numel() else float(values.min()) - 1.0
-        # Half way to the next value up, so a small rounding change does not flip a token.
-        thr = 0.5 * (thr + float(top[k - 1])) if k < values.numel() else thr
+        thr = calibrated_threshold(logits, min(1.0, float(self.capacity_factor)) if rate is None else rate, valid,
+                                   where="MoDBlock.calibrate_causal_threshold")
         self.causal_threshold.fill_(thr)
         return thr
 

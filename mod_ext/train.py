@@ -71,7 +71,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from .layer import MoDBlock, routing_metrics
+from .health import RouterHealth, RouterHealthError
+from .layer import MoDBlock, calibrated_threshold, routing_metrics
 from .models import ModelConfig, MoDTransformer
 
 __all__ = [
@@ -106,7 +107,9 @@ QUICK = dict(steps=6, batch_size=4, seq_len=64, d_model=32, n_layer=2, n_head=2,
 RESUME_FIXED = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "dense",
                 "capacity_factor", "mod_every", "causal_router", "router_activation", "aux_loss_weight",
                 "routing", "lr", "min_lr", "warmup", "schedule", "weight_decay", "grad_clip", "seed",
-                "pad_fraction", "dtype", "corpus_sha256")
+                "pad_fraction", "dtype", "corpus_sha256", "random_routing")
+#: options added after the first checkpoint format, with the value older checkpoints mean
+RESUME_DEFAULTS = {"random_routing": False}
 
 
 # --------------------------------------------------------------------------------------
@@ -138,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what routes causally when sampling, trained by the aux loss (default predictor)")
     g.add_argument("--router-activation", choices=["sigmoid", "scaled_sigmoid", "identity"], default="sigmoid")
     g.add_argument("--aux-loss-weight", type=float, default=0.1, help="weight of the MoD aux loss (default 0.1)")
+    g.add_argument("--random-routing", action="store_true",
+                   help="top-k over random scores instead of the router's (the paper's random-routing baseline)")
     g.add_argument("--routing", choices=["topk", "causal"], default="topk",
                    help="routing while training (default topk, the paper's; causal freezes the predictor)")
     g = p.add_argument_group("budget and optimisation")
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
     g.add_argument("--eval-every", type=int, help="evaluate every n steps, 0 = only at the end")
     g.add_argument("--eval-batches", type=int, help="held-out global batches per evaluation")
+    g.add_argument("--calibrate-batches", type=int, default=8,
+                   help="training batches that calibrate the causal thresholds before the final evaluation "
+                        "(MoDTransformer.calibrate_causal_routing); 0 = keep the threshold at logit 0 (default 8)")
     g.add_argument("--log-every", type=int, default=10,
                    help="gather the losses every n steps (one host sync; every step is still recorded)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (default: only at the end)")
@@ -200,7 +208,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  "log_every", "keep"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_every", "eval_batches", "save_every"):
+    for name in ("eval_every", "eval_batches", "save_every", "calibrate_batches"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
@@ -267,7 +275,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         vocab_size=vocab_size, block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, capacity_factor=args.capacity_factor, mod_every=0 if args.dense else args.mod_every,
         router_activation=args.router_activation, causal_router=args.causal_router,
-        aux_loss_weight=args.aux_loss_weight,
+        aux_loss_weight=args.aux_loss_weight, random_routing=args.random_routing,
     )
 
 
@@ -518,11 +526,15 @@ def _grad_sync(model: nn.Module, env: DistEnv, sync: bool):
 
 
 def _micro_loss(model: nn.Module, x: Tensor, y: Tensor, valid: Optional[Tensor], routing: str,
-                n_targets: int, n_valid: int, aux_weight: float, args, env: DistEnv):
+                n_targets: int, n_valid: int, aux_weight: float, args, env: DistEnv,
+                health: Optional[RouterHealth] = None, step: Optional[int] = None):
     """Loss of one rank's micro-batch, normalised by the global batch's token counts
-    (see the module docstring); returns (loss to backprop, LM loss sum, aux loss sum)."""
+    (see the module docstring); returns (loss to backprop, LM loss sum, aux loss sum).
+    ``health`` accumulates the MoD layers' router signals (on device, no host sync)."""
     with _autocast(args, env):
-        out = model(x, None, routing=routing, valid=valid)
+        out = model(x, None, routing=routing, valid=valid, return_routing=health is not None)
+    if health is not None:
+        health.update(out.mod_layer_outputs, valid, step)
     V = out.logits.shape[-1]
     logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up, float64 kept
     lm_sum = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=-100, reduction="sum")
@@ -658,7 +670,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, ar
         raise SystemExit(f"mod_ext.train: --resume {path}: checkpoint format {state.get('format')}, "
                          f"this mod_ext reads format {CHECKPOINT_FORMAT}")
     want = _run_config(args)
-    diff = {k: (state["config"].get(k), want[k]) for k in want if state["config"].get(k) != want[k]}
+    saved = {**RESUME_DEFAULTS, **state["config"]}
+    diff = {k: (saved.get(k), want[k]) for k in want if saved.get(k) != want[k]}
     if diff:
         what = ", ".join(("the data (SHA-256 of the token streams: --data's content) "
                           f"{str(a)[:12]}... in the checkpoint vs {str(b)[:12]}... now") if k == "corpus_sha256"
@@ -848,26 +861,35 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
                   "train (it stays at its initialisation): resume a top-k-trained run, or use "
                   "--causal-router router (the router logits route and are trained through r * f)", flush=True)
 
-    # (step, lr, LM loss sum, aux loss sum, grad norm, (global target count, global valid count))
-    pending: List[Tuple[int, float, Tensor, Optional[Tensor], Tensor, Tuple[int, int]]] = []
+    # (step, lr, LM loss sum, aux loss sum, grad norm, predictor grad norm, (global target count, global valid count))
+    pending: List[Tuple[int, float, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Tuple[int, int]]] = []
+    # The predictors are clipped on their own: a shared norm would let the predictor's
+    # gradient scale the language model's update (its stop-gradient keeps it off the LM loss).
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lm_params = [p for n, p in named if ".predictor." not in f".{n}"]
+    predictor_params = [p for n, p in named if ".predictor." in f".{n}"]
+    health = None if args.dense else RouterHealth(_raw(model).mod_layer_ids, args.seq_len, env.device)
+    metrics.setdefault("health", [])
 
     def flush(times: List[float]):
         """Gather the pending steps' loss sums over ranks (one collective, one host read)."""
         if not pending:
             return
-        vals = torch.stack([torch.stack([lm.double(), torch.zeros((), dtype=torch.float64, device=lm.device)
-                                         if aux is None else aux.double(), gn.double()])
-                            for _, _, lm, aux, gn, _ in pending])
+        zero = torch.zeros((), dtype=torch.float64, device=pending[0][2].device)
+        vals = torch.stack([torch.stack([lm.double(), zero if aux is None else aux.double(), gn.double(),
+                                         zero if pgn is None else pgn.double()])
+                            for _, _, lm, aux, gn, pgn, _ in pending])
         if env.backend is not None:
             # grad norm is the same on every rank: sum it too, then divide by W
             dist.all_reduce(vals)
-            vals[:, 2] /= W
+            vals[:, 2:] /= W
         vals = vals.tolist()
-        for (step, lr, _, aux, _, n), v, dt in zip(pending, vals, times):
+        for (step, lr, _, aux, _, pgn, n), v, dt in zip(pending, vals, times):
             nt, nv = n
             rec = dict(step=step + 1, lr=lr, lm_loss=v[0] / nt, grad_norm=v[2], step_time_s=dt,
                        tokens=tokens_per_step, valid_tokens=nv)
             rec["aux_loss"] = v[1] / nv if aux is not None else None
+            rec["predictor_grad_norm"] = v[3] if pgn is not None else None
             rec["loss"] = rec["lm_loss"] + (args.aux_loss_weight * rec["aux_loss"] if aux is not None else 0.0)
             metrics["steps"].append(rec)
         pending.clear()
@@ -898,19 +920,17 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             vs = None if vs is None else vs.to(env.device, non_blocking=True)
             with _grad_sync(model, env, sync=m == A - 1):
                 loss, lm_sum, aux_sum = _micro_loss(model, xs, ys, vs, args.routing, max(n_targets, 1),
-                                                    max(n_valid, 1), args.aux_loss_weight, args, env)
+                                                    max(n_valid, 1), args.aux_loss_weight, args, env,
+                                                    health, step + 1)
                 loss.backward()
             lm_total = lm_sum if lm_total is None else lm_total + lm_sum
             if aux_sum is not None:
                 aux_total = aux_sum if aux_total is None else aux_total + aux_sum
-        params = [p for p in model.parameters() if p.requires_grad]
         clip = args.grad_clip if args.grad_clip > 0 else math.inf
-        gn = torch.nn.utils.clip_grad_norm_(params, clip)
-        if hasattr(gn, "full_tensor"):  # a DTensor under FSDP2
-            gn = gn.full_tensor()
+        gn, pgn = (_clip(ps, clip) if ps else None for ps in (lm_params, predictor_params))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        pending.append((step, lr, lm_total, aux_total, gn.detach(), (max(n_targets, 1), max(n_valid, 1))))
+        pending.append((step, lr, lm_total, aux_total, gn, pgn, (max(n_targets, 1), max(n_valid, 1))))
         if not cuda:
             times.append(time.perf_counter() - t0)
         last = step + 1 == stop
@@ -928,6 +948,8 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             times = []
             rec = metrics["steps"][-1]
             bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", lr=f"{lr:.2e}")
+            if health is not None:
+                metrics["health"].append(_health_report(health, env))
         if eval_due and not final:
             record_eval(step + 1)
         if save_due and not last:  # (the last step's checkpoint is saved after the loop)
@@ -939,8 +961,13 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
     if stop == args.steps and args.eval_batches:
         record_eval(stop)
         if not args.dense:
+            router_thr = None
+            if args.calibrate_batches:
+                cal = GlobalBatches(corpus.train, args.batch_size, args.seq_len, args.seed + 2, args.pad_fraction)
+                metrics["causal_thresholds"], router_thr = _calibrate(
+                    model, [cal(i) for i in range(args.calibrate_batches)], args, env)
             metrics["causal_val_loss"] = evaluate(model, val_batches, "causal", args, env)
-            metrics.update(_routing_quality(model, val_batches, args, env))
+            metrics.update(_routing_quality(model, val_batches, args, env, router_thr))
     save_checkpoint(out, stop, model, opt, args, env, metrics)
     if stop == args.steps:
         _save_model(out / "model.pt", model, env)
@@ -971,27 +998,101 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
     return metrics
 
 
+def _clip(params: List[nn.Parameter], max_norm: float) -> Tensor:
+    """clip_grad_norm_ of one parameter group; the total norm as a plain tensor."""
+    gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(gn, "full_tensor"):  # a DTensor under FSDP2
+        gn = gn.full_tensor()
+    return gn.detach()
+
+
+def _health_report(health: RouterHealth, env: DistEnv) -> Dict:
+    """This rank's router health since the last report (one host read). NaN/inf on any
+    rank stops every rank with the error of the rank that saw it."""
+    err, report = None, None
+    try:
+        report = health.report()
+    except RouterHealthError as e:
+        err = e
+    if env.backend is not None:
+        flag = torch.tensor([0.0 if err is None else 1.0], device=env.device)
+        dist.all_reduce(flag)
+        if err is None and float(flag) > 0:
+            raise SystemExit("mod_ext.train: another process found NaN/inf router logits or hidden states "
+                             "(its error names the layer)")
+    if err is not None:
+        raise SystemExit(f"mod_ext.train: {err}")
+    return report
+
+
 @torch.no_grad()
-def _routing_quality(model: nn.Module, val_batches, args, env: DistEnv) -> Dict[str, float]:
-    """Causal-routing accuracy / recall against top-k on the held-out batches, averaged
-    over MoD layers, batches and ranks."""
+def _calibrate(model: nn.Module, batches, args, env: DistEnv) -> Tuple[List[float], List[float]]:
+    """Calibrate the causal thresholds on whole global training batches (every rank the
+    same rows, so every rank gets the same thresholds); also the thresholds at which the
+    router logits route the capacity (the router rule, reported beside the predictor)."""
+    raw = _raw(model)
+    dev = [(x.to(env.device), None if v is None else v.to(env.device)) for x, _, v in batches]
+    with _autocast(args, env), _eval_mode_warnings():
+        thresholds = raw.calibrate_causal_routing(dev)
+        router = [[] for _ in raw.mod_layers]
+        raw.eval()
+        for x, v in dev:
+            for i, o in enumerate(raw(x, routing="topk", valid=v, return_routing=True).mod_layer_outputs):
+                router[i].append((o.routing.router_logits.float(), v))
+        raw.train()
+    router_thr = []
+    for m, zs in zip(raw.mod_layers, router):
+        valid = None if zs[0][1] is None else torch.cat([v for _, v in zs])
+        router_thr.append(calibrated_threshold(torch.cat([z for z, _ in zs]), min(1.0, m.capacity_factor), valid))
+    return thresholds, router_thr
+
+
+_QUALITY = ("accuracy", "recall", "precision", "routed_fraction")
+
+
+@torch.no_grad()
+def _routing_quality(model: nn.Module, val_batches, args, env: DistEnv,
+                     router_thresholds: Optional[List[float]] = None) -> Dict:
+    """Causal routing against top-k on the held-out batches (routing_metrics), averaged
+    over batches and ranks, per MoD layer and on average: ``causal_routing`` for the rule
+    sampling uses (logits above the calibrated causal threshold),
+    ``causal_routing_uncalibrated`` for the same logits at threshold 0 and, for a
+    predictor model with calibration, ``causal_routing_router_logits`` for the router
+    logits at their own calibrated threshold (the router rule, untrained by an aux loss).
+    ``causal_accuracy`` etc. repeat ``causal_routing``'s means."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+    raw = _raw(model)
+    rules = ["", "_uncalibrated"] + (["_router_logits"] if router_thresholds and raw.cfg.causal_router ==
+                                     "predictor" else [])
+    L = len(raw.mod_layers)
+    sums = torch.zeros(len(rules), L, len(_QUALITY) + 1, dtype=torch.float64, device=env.device)
     for x, _, valid in val_batches:
         xs = _rows(x, 0, 1, env.rank, env.world_size).to(env.device)
         vs = _rows(valid, 0, 1, env.rank, env.world_size)
         vs = None if vs is None else vs.to(env.device)
         with _autocast(args, env), _eval_mode_warnings():
             outs = model(xs, None, routing="topk", valid=vs, return_routing=True).mod_layer_outputs
-        for layer, o in zip(_raw(model).mod_layers, outs):
-            m = routing_metrics(o.causal_scores.float(), o.routing.indices, layer.causal_capacity(xs.shape[1]), vs)
-            sums += torch.stack([m.accuracy, m.recall, m.routed_fraction, torch.ones_like(m.accuracy)]).double()
+        for j, (layer, o) in enumerate(zip(raw.mod_layers, outs)):
+            K = layer.causal_capacity(xs.shape[1])
+            scores = {"": o.causal_scores.float(),  # what sampling routes by
+                      "_uncalibrated": o.causal_scores.float() + layer.causal_threshold.float()}
+            if "_router_logits" in rules:
+                scores["_router_logits"] = o.routing.router_logits.float() - router_thresholds[j]
+            for r, rule in enumerate(rules):
+                m = routing_metrics(scores[rule], o.routing.indices, K, vs)
+                sums[r, j] += torch.stack([*(getattr(m, k) for k in _QUALITY), torch.ones_like(m.accuracy)]).double()
     if env.backend is not None:
         dist.all_reduce(sums)
     model.train()
-    n = max(float(sums[3]), 1.0)
-    return dict(predictor_accuracy=float(sums[0]) / n, predictor_recall=float(sums[1]) / n,
-                causal_routed_fraction=float(sums[2]) / n)
+    sums = sums.cpu()
+    means = sums[..., :-1] / sums[..., -1:].clamp_min(1.0)  # (rules, L, 4)
+    result: Dict = {"causal_rule": raw.cfg.causal_router}
+    for r, rule in enumerate(rules):
+        per_layer = {str(d): dict(zip(_QUALITY, means[r, j].tolist())) for j, d in enumerate(raw.mod_layer_ids)}
+        result[f"causal_routing{rule}"] = dict(zip(_QUALITY, means[r].mean(0).tolist()), per_layer=per_layer)
+    for k in _QUALITY:  # the rule sampling uses
+        result[f"causal_{k}"] = result["causal_routing"][k]
+    return result
 
 
 if __name__ == "__main__":

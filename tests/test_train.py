@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mod_ext import calibrated_threshold, routing_metrics
 from mod_ext import data as mdata
 from mod_ext import train
 from mod_ext.layer import MoDBlock
@@ -566,7 +567,7 @@ def test_metrics_against_the_initial_model(reference):
     assert metrics["tokens_per_s"] > 0 and metrics["final_step"] == QUICK_STEPS
     assert [e["step"] for e in metrics["evals"]] == [0, 3, 6]
     assert all(math.isfinite(e["val_loss"]) for e in metrics["evals"])
-    for key in ("causal_val_loss", "predictor_accuracy", "predictor_recall", "causal_routed_fraction"):
+    for key in ("causal_val_loss", "causal_accuracy", "causal_recall", "causal_precision", "causal_routed_fraction"):
         assert math.isfinite(metrics[key]), key
     cfg = metrics["config"]
     assert cfg["world_size"] == 1 and cfg["frozen"] == [] and cfg["corpus"] == "tiny.txt"
@@ -578,8 +579,12 @@ def test_metrics_against_the_initial_model(reference):
     assert steps[0]["lm_loss"] == pytest.approx(o.lm_loss.item(), rel=1e-5)
     assert steps[0]["aux_loss"] == pytest.approx(o.aux_loss.item(), rel=1e-5)
     o.loss.backward()
-    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
-    assert steps[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+    # clipped in two groups: the language model, and the predictors (which must not scale its update)
+    lm = [p.grad.norm() for n, p in model.named_parameters() if ".predictor." not in n]
+    pred = [p.grad.norm() for n, p in model.named_parameters() if ".predictor." in n]
+    assert steps[0]["grad_norm"] == pytest.approx(float(torch.linalg.vector_norm(torch.stack(lm))), rel=1e-4)
+    assert steps[0]["predictor_grad_norm"] == pytest.approx(float(torch.linalg.vector_norm(torch.stack(pred))),
+                                                            rel=1e-4)
     with torch.no_grad():
         val = train.GlobalBatches(c.val, args.batch_size, args.seq_len, args.seed + 1)
         model.eval()
@@ -729,3 +734,112 @@ def test_old_0d_router_bias_state_dicts_load():
     assert model.layers[1].router_bias.shape == (1,) and model.layers[1].router_bias.item() == -0.5
     with pytest.raises(RuntimeError, match="router_bias"):  # other shapes are still refused
         layer.load_state_dict({**sd, "router_bias": torch.zeros(2)})
+
+
+# --------------------------------------------------------------------------------------
+# 10. Causal routing quality (calibration), router health, random routing (issue 12)
+# --------------------------------------------------------------------------------------
+
+
+def test_calibrated_causal_metrics_against_the_saved_model(reference):
+    """The final causal thresholds are calibrated on training batches and saved with the
+    model; the recorded causal metrics equal routing_metrics recomputed on the loaded
+    model (oracle), for the calibrated rule, threshold 0 and the router logits."""
+    out, metrics = reference
+    args = train.parse_args(BASE)
+    model = train.load_model(out / "model.pt")
+    thr = [float(m.causal_threshold) for m in model.mod_layers]
+    assert thr == pytest.approx(metrics["causal_thresholds"]) and any(t != 0.0 for t in thr)
+    c = corpus()
+    cal = train.GlobalBatches(c.train, args.batch_size, args.seq_len, args.seed + 2)
+    twin = MoDTransformer(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    assert twin.calibrate_causal_routing([cal(i)[0] for i in range(args.calibrate_batches)]) == pytest.approx(thr)
+    val = train.GlobalBatches(c.val, args.batch_size, args.seq_len, args.seed + 1)
+    sums = {"": [], "_uncalibrated": [], "_router_logits": []}
+    with torch.no_grad():
+        router = [[] for _ in thr]
+        for i in range(args.calibrate_batches):
+            for j, o in enumerate(model(cal(i)[0], return_routing=True).mod_layer_outputs):
+                router[j].append(o.routing.router_logits)
+        router_thr = [mod_ext_calibrated(torch.cat(z)) for z in router]
+        for i in range(args.eval_batches):
+            outs = model(val(i)[0], return_routing=True).mod_layer_outputs
+            for j, (m, o) in enumerate(zip(model.mod_layers, outs)):
+                K = m.causal_capacity(args.seq_len)
+                for rule, s in (("", o.causal_scores), ("_uncalibrated", o.causal_scores + thr[j]),
+                                ("_router_logits", o.routing.router_logits - router_thr[j])):
+                    sums[rule].append(mod_ext_metrics(s, o.routing.indices, K))
+    for rule, ms in sums.items():
+        got = metrics[f"causal_routing{rule}"]
+        for k in ("accuracy", "recall", "precision", "routed_fraction"):
+            assert got[k] == pytest.approx(sum(float(getattr(m, k)) for m in ms) / len(ms), abs=1e-6), (rule, k)
+        assert set(got["per_layer"]) == {str(d) for d in model.mod_layer_ids}
+    assert metrics["causal_recall"] == metrics["causal_routing"]["recall"]
+    with torch.no_grad():
+        want = sum(float(model(*val(i)[:2], routing="causal").lm_loss) for i in range(args.eval_batches))
+    assert metrics["causal_val_loss"] == pytest.approx(want / args.eval_batches, rel=1e-5)
+
+
+def mod_ext_calibrated(z):
+    return calibrated_threshold(z, 0.125)
+
+
+def mod_ext_metrics(s, idx, K):
+    return routing_metrics(s.float(), idx, K)
+
+
+def test_no_calibration_keeps_threshold_zero(tmp_path):
+    m = run(tmp_path / "run", "--calibrate-batches", "0")
+    assert "causal_thresholds" not in m and "causal_routing_router_logits" not in m
+    assert m["causal_routing"] == {**m["causal_routing_uncalibrated"]}
+    model = train.load_model(tmp_path / "run" / "model.pt")
+    assert all(float(x.causal_threshold) == 0.0 for x in model.mod_layers)
+
+
+def test_predictor_does_not_change_the_language_model(tmp_path):
+    """Stop-gradient and its own clipping group: the predictor's loss weight changes the
+    predictor only; every LM loss and LM gradient norm is bit-identical."""
+    a = run(tmp_path / "a", "--aux-loss-weight", "0.1", "--grad-clip", "0.05")
+    b = run(tmp_path / "b", "--aux-loss-weight", "10", "--grad-clip", "0.05")
+    assert losses(a, "lm_loss") == losses(b, "lm_loss") and losses(a, "grad_norm") == losses(b, "grad_norm")
+    assert [e["val_loss"] for e in a["evals"]] == [e["val_loss"] for e in b["evals"]]
+    assert losses(a, "predictor_grad_norm") != losses(b, "predictor_grad_norm")
+
+
+def test_router_health_in_metrics(reference):
+    _, metrics = reference
+    health = metrics["health"]
+    assert health and health[-1]["steps"][1] == QUICK_STEPS
+    layers = health[-1]["layers"]
+    assert set(layers) == {"1"}
+    h = layers["1"]
+    assert math.isfinite(h["router_logit_mean"]) and h["router_logit_std"] > 0
+    assert 0 < h["positions_ever_routed"] <= 1 and 0 <= h["calibration_ece"] <= 1
+    assert h["nonfinite_router_logits"] == h["nonfinite_output"] == 0
+
+
+def test_nan_router_stops_training_naming_the_layer(tmp_path, monkeypatch):
+    """A router gone NaN (here: injected from the third forward on) stops the run at the
+    next logging interval with an error naming the MoD layer, not a silent NaN loss."""
+    import mod_ext.layer as L
+    calls = {"n": 0}
+    real = L._router_logits
+
+    def nan_after_two(x, w, b=None):
+        calls["n"] += 1
+        z = real(x, w, b)
+        return z * float("nan") if calls["n"] > 2 else z
+    monkeypatch.setattr(L, "_router_logits", nan_after_two)
+    with pytest.raises(SystemExit, match=r"MoD layer 1: .*router logits are NaN/inf"):
+        run(tmp_path / "run", "--log-every", "2", "--eval-batches", "0")
+
+
+def test_random_routing_run(tmp_path):
+    m = run(tmp_path / "run", "--random-routing")
+    assert m["config"]["model"]["random_routing"] is True
+    model = train.load_model(tmp_path / "run" / "model.pt")
+    assert model.cfg.random_routing and all(x.random_routing for x in model.mod_layers)
+    run(tmp_path / "part", "--stop-at", "3", "--eval-batches", "0")
+    with pytest.raises(SystemExit, match="--random-routing False in the checkpoint vs True now"):
+        run(tmp_path / "part", "--resume", "--random-routing", "--eval-batches", "0")
