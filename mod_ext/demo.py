@@ -4,14 +4,19 @@
     python -m mod_ext.demo --data my.txt   # any UTF-8 text file (90/10 split)
     python -m mod_ext.demo --quick         # tiny smoke-test configuration (seconds)
 
-Both models share every setting (data order, seed, optimizer, schedule); the MoD model
-routes 12.5% of the tokens through every other layer (Raposo et al. 2024). By default
-the two get the same training-FLOP budget (``--match flops``): the dense model trains
-``--steps`` steps and the MoD model as many steps as the same FLOPs buy. ``--match
-steps`` gives both the same number of steps instead.
+All models share every setting (data order, seed, optimizer, schedule); the MoD models
+route 12.5% of the tokens through every other layer (Raposo et al. 2024). Two MoD models
+are trained, one per way of routing causally when sampling (paper Section 3.5): a
+stop-gradient predictor (``mod``), and the router's own auxiliary BCE loss
+(``mod_router_aux``); each one's causal threshold is then calibrated to the capacity on
+training batches (``MoDTransformer.calibrate_causal_routing``). By default every model
+gets the same training-FLOP budget (``--match flops``): the dense model trains
+``--steps`` steps and each MoD model as many steps as the same FLOPs buy. ``--match
+steps`` gives all the same number of steps instead.
 
 Writes to ``--out`` (default runs/demo): report.json, summary.md, loss_curves.png,
-routing.png, and both trained models, dense.pt and mod.pt (``mod_ext.train.load_model``).
+routing.png, and the trained models, dense.pt, mod.pt and mod_router_aux.pt
+(``mod_ext.train.load_model``).
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .data import BatchSampler, Corpus, decode, encode, get_batch, load_corpus  # noqa: E402
-from .layer import routing_metrics  # noqa: E402
+from .layer import calibrated_threshold, routing_metrics  # noqa: E402
 from .generation import MoDKVCache  # noqa: E402
+from .health import RouterHealth  # noqa: E402
 from .models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
 from .ops import threshold_route  # noqa: E402
 from .train import lr_at, make_optimizer, save_model  # noqa: E402  (one optimizer and schedule for both)
@@ -76,8 +82,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--capacity-factor", type=float, default=0.125, help="MoD capacity (default 0.125)")
     p.add_argument("--mod-every", type=int, default=2, help="every n-th layer is MoD (default 2)")
     p.add_argument("--causal-router", choices=["predictor", "router"], default="predictor",
-                   help="what routes causally when sampling (default predictor)")
+                   help="the MoD model to sample from and plot in routing.png: the predictor's (default) or "
+                        "the router aux loss's (both are trained and reported)")
     p.add_argument("--aux-loss-weight", type=float, default=0.1, help="weight of the MoD aux loss")
+    p.add_argument("--calibrate-batches", type=int, default=8,
+                   help="training batches that calibrate the causal thresholds (0: threshold at logit 0)")
     p.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
     p.add_argument("--n-evals", type=int, help="evaluations per training run (plus one at step 0)")
     p.add_argument("--sample-tokens", type=int, help="tokens to sample from each model (both sample through the KV cache)")
@@ -97,6 +106,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  "n_evals", "passage_chars", "threads", "mod_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.calibrate_batches < 0:
+        p.error(f"--calibrate-batches must be >= 0, got {args.calibrate_batches}")
     if args.sample_tokens < 0:
         p.error(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
     if args.sample_tokens and len(PROMPT.encode()) + args.sample_tokens - 1 > args.seq_len:
@@ -127,10 +138,15 @@ def evaluate(model: MoDTransformer, batches, routing: str = "topk") -> float:
 
 
 def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_batches) -> Dict:
-    """Train one model; return the model, its curve and timing."""
+    """Train one model; return the model, its curve, timing and router health."""
     torch.manual_seed(args.seed)
     model = MoDTransformer(cfg)
     opt = make_optimizer(model, args.lr)
+    # Clipped apart: the predictor's gradient must not scale the language model's update.
+    lm_params = [p for n, p in model.named_parameters() if ".predictor." not in f".{n}"]
+    predictor_params = [p for n, p in model.named_parameters() if ".predictor." in f".{n}"]
+    health = RouterHealth(model.mod_layer_ids, args.seq_len) if model.mod_layers else None
+    health_log = []
     sampler = BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
     fpt = model.flops_per_token(args.seq_len)
     tokens_per_step = args.batch_size * args.seq_len
@@ -148,10 +164,14 @@ def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_bat
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr)
-        out = model(x, y)  # out.loss = lm_loss + aux_loss_weight * aux_loss
+        out = model(x, y, return_routing=health is not None)  # out.loss = lm_loss + aux_loss_weight * aux_loss
+        if health is not None:
+            health.update(out.mod_layer_outputs, step=step + 1)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
+        if predictor_params:
+            torch.nn.utils.clip_grad_norm_(predictor_params, 1.0)
         opt.step()
         dt = time.perf_counter() - t0
         step_times.append(dt)
@@ -160,6 +180,8 @@ def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_bat
             record(step + 1)
         if step % 10 == 0 or step + 1 in eval_steps:
             bar.set_postfix(ce=f"{out.lm_loss.item():.3f}", val=f"{curve[-1]['val_loss']:.3f}")
+        if health is not None and ((step + 1) % 10 == 0 or step + 1 == steps):
+            health_log.append(health.report())  # RouterHealthError (naming the layer) on NaN/inf
     bar.close()
     return dict(
         model=model,
@@ -175,24 +197,58 @@ def train(name: str, cfg: ModelConfig, corpus: Corpus, args, steps: int, val_bat
             steps=steps,
             params=model.num_params(),
             curve=curve,
+            health=health_log,
         ),
     )
 
 
+_QUALITY = ("accuracy", "recall", "precision", "routed_fraction")
+
+
 @torch.no_grad()
-def predictor_metrics(model: MoDTransformer, val_batches) -> Dict[str, float]:
-    """Causal-routing accuracy/recall vs top-k, averaged over MoD layers and batches."""
-    acc, rec, frac = [], [], []
+def causal_routing_metrics(model: MoDTransformer, val_batches, router_thresholds: Optional[List[float]] = None
+                           ) -> Dict[str, Dict]:
+    """Causal routing vs top-k on held-out batches (:func:`mod_ext.routing_metrics`),
+    averaged over batches, per MoD layer and over layers: ``causal_routing`` for the rule
+    sampling uses (causal logits above the calibrated threshold),
+    ``causal_routing_uncalibrated`` (threshold 0) and, when ``router_thresholds`` are
+    given, ``causal_routing_router_logits`` (the router logits above their own calibrated
+    threshold)."""
     model.eval()
+    rules = ["", "_uncalibrated"] + (["_router_logits"] if router_thresholds else [])
+    sums = {r: [[0.0] * len(_QUALITY) for _ in model.mod_layers] for r in rules}
     for x, _ in val_batches:
-        for layer in model.routing_report(x):
-            m = routing_metrics(layer["causal_scores"], layer["indices"], layer["causal_capacity"])
-            acc.append(m.accuracy.item())
-            rec.append(m.recall.item())
-            frac.append(m.routed_fraction.item())
+        outs = model(x, routing="topk", return_routing=True).mod_layer_outputs
+        for j, (m, o) in enumerate(zip(model.mod_layers, outs)):
+            scores = {"": o.causal_scores, "_uncalibrated": o.causal_scores + m.causal_threshold}
+            if router_thresholds:
+                scores["_router_logits"] = o.routing.router_logits - router_thresholds[j]
+            for r in rules:
+                q = routing_metrics(scores[r].float(), o.routing.indices, m.causal_capacity(x.shape[1]))
+                sums[r][j] = [a + float(getattr(q, k)) for a, k in zip(sums[r][j], _QUALITY)]
     model.train()
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return dict(predictor_accuracy=mean(acc), predictor_recall=mean(rec), causal_routed_fraction=mean(frac))
+    n = len(val_batches)
+    result = {}
+    for r in rules:
+        per_layer = {str(d): {k: v / n for k, v in zip(_QUALITY, sums[r][j])} for j, d in enumerate(model.mod_layer_ids)}
+        result[f"causal_routing{r}"] = dict(
+            {k: sum(p[k] for p in per_layer.values()) / len(per_layer) for k in _QUALITY}, per_layer=per_layer)
+    return result
+
+
+@torch.no_grad()
+def calibrate(model: MoDTransformer, batches) -> Tuple[List[float], List[float]]:
+    """Calibrate the model's causal thresholds on training batches (idx (B, T) each);
+    also return the router logits' own calibrated thresholds (for the router rule)."""
+    thresholds = model.calibrate_causal_routing(batches)
+    model.eval()
+    logits = [[] for _ in model.mod_layers]
+    for x in batches:
+        for j, o in enumerate(model(x, return_routing=True).mod_layer_outputs):
+            logits[j].append(o.routing.router_logits)
+    model.train()
+    return thresholds, [calibrated_threshold(torch.cat(z), min(1.0, m.capacity_factor))
+                        for m, z in zip(model.mod_layers, logits)]
 
 
 def held_out_passage(corpus: Corpus, n_chars: int) -> torch.Tensor:
@@ -210,8 +266,12 @@ def held_out_passage(corpus: Corpus, n_chars: int) -> torch.Tensor:
 def plot_curves(results: Dict[str, Dict], path: Path, title: str) -> None:
     """Two panels: validation loss vs training FLOPs and vs wall-clock seconds."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"dense": dict(color="tab:blue", marker="o"), "mod": dict(color="tab:orange", marker="s")}
-    for key, label in (("dense", "dense baseline"), ("mod", "MoD")):
+    styles = {"dense": dict(color="tab:blue", marker="o"), "mod": dict(color="tab:orange", marker="s"),
+              "mod_router_aux": dict(color="tab:green", marker="^")}
+    for key, label in (("dense", "dense baseline"), ("mod", "MoD, predictor"),
+                       ("mod_router_aux", "MoD, router aux loss")):
+        if key not in results:
+            continue
         curve = results[key]["curve"]
         kw = dict(label=label, markersize=4, **styles[key])
         axes[0].plot([p["train_flops"] for p in curve], [p["val_loss"] for p in curve], **kw)
@@ -293,32 +353,49 @@ def timed_sample(model: MoDTransformer, prompt: torch.Tensor, args, repeats: int
 
 def summary_table(report: Dict) -> str:
     """Markdown table of the headline numbers."""
-    d, m = report["dense"], report["mod"]
+    d, m, r = report["dense"], report["mod"], report["mod_router_aux"]
+
+    def row(label, fmt, dense=True):
+        return (label, fmt(d) if dense else "-", fmt(m), fmt(r))
+
+    def quality(x, rule=""):
+        q = x[f"causal_routing{rule}"]
+        return f"{q['accuracy']:.3f} / {q['recall']:.3f} / {q['routed_fraction']:.3f}"
+
     rows = [
-        ("parameters", f"{d['params']:,}", f"{m['params']:,}"),
-        ("forward FLOPs / token", f"{d['flops_per_token'] / 1e6:.2f} M", f"{m['flops_per_token'] / 1e6:.2f} M"),
-        ("training steps", f"{d['steps']}", f"{m['steps']}"),
-        ("training FLOPs", f"{d['train_flops']:.3g}", f"{m['train_flops']:.3g}"),
-        ("median step time", f"{d['step_time_s'] * 1e3:.0f} ms", f"{m['step_time_s'] * 1e3:.0f} ms"),
-        ("training tokens / s (median step)", f"{d['tokens_per_s']:,.0f}", f"{m['tokens_per_s']:,.0f}"),
-        ("training wall-clock", f"{d['train_wall_s']:.1f} s", f"{m['train_wall_s']:.1f} s"),
-        ("val loss (top-k routing)", f"{d['val_loss']:.4f}", f"{m['val_loss']:.4f}"),
-        ("val loss (causal routing)", "-", f"{m['causal_val_loss']:.4f}"),
-        (f"{report['config']['causal_router']} accuracy / recall (held-out)", "-",
-         f"{m['predictor_accuracy']:.3f} / {m['predictor_recall']:.3f}"),
+        row("parameters", lambda x: f"{x['params']:,}"),
+        row("forward FLOPs / token", lambda x: f"{x['flops_per_token'] / 1e6:.2f} M"),
+        row("training steps", lambda x: f"{x['steps']}"),
+        row("training FLOPs", lambda x: f"{x['train_flops']:.3g}"),
+        row("median step time", lambda x: f"{x['step_time_s'] * 1e3:.0f} ms"),
+        row("training tokens / s (median step)", lambda x: f"{x['tokens_per_s']:,.0f}"),
+        row("training wall-clock", lambda x: f"{x['train_wall_s']:.1f} s"),
+        row("val loss (top-k routing)", lambda x: f"{x['val_loss']:.4f}"),
+        row("val loss (causal routing)", lambda x: f"{x['causal_val_loss']:.4f}", dense=False),
+        row("causal routing vs top-k: accuracy / recall / routed fraction (held-out)", quality, dense=False),
+        row("same, threshold 0 (uncalibrated)", lambda x: quality(x, "_uncalibrated"), dense=False),
     ]
-    if d.get("decode_tokens_per_s") and m.get("decode_tokens_per_s"):
-        rows.append(("sampling tokens / s (KV cache, batch 1)", f"{d['decode_tokens_per_s']:,.0f}",
-                     f"{m['decode_tokens_per_s']:,.0f}"))
-    if m.get("sample_drops_per_layer") is not None:
-        routed = ", ".join(f"{k}: {v}" for k, v in m["sample_routed_per_layer"].items())
-        drops = ", ".join(f"{k}: {v}" for k, v in m["sample_drops_per_layer"].items())
-        rows.append(("sample: routed / dropped tokens per MoD layer", "-", f"{routed} / {drops}"))
+    if "causal_routing_router_logits" in m:
+        rows.append(("same, router logits at a calibrated threshold", "-", quality(m, "_router_logits"), "-"))
+    s = m if m.get("sampled") else r
+    col = 2 if m.get("sampled") else 3
+    if d.get("decode_tokens_per_s") and s.get("decode_tokens_per_s"):
+        cells = ["sampling tokens / s (KV cache, batch 1)", f"{d['decode_tokens_per_s']:,.0f}", "-", "-"]
+        cells[col] = f"{s['decode_tokens_per_s']:,.0f}"
+        rows.append(tuple(cells))
+    if s.get("sample_drops_per_layer") is not None:
+        routed = ", ".join(f"{k}: {v}" for k, v in s["sample_routed_per_layer"].items())
+        drops = ", ".join(f"{k}: {v}" for k, v in s["sample_drops_per_layer"].items())
+        cells = ["sample: routed / dropped tokens per MoD layer", "-", "-", "-"]
+        cells[col] = f"{routed} / {drops}"
+        rows.append(tuple(cells))
     c = report["config"]
     head = (f"Dense vs MoD (capacity {c['capacity_factor']}, every {c['mod_every']} layers) on {c['corpus']}; "
             f"{c['budget']}; {c['tokens_per_step']} tokens/step, {c['n_layer']} layers, d_model "
-            f"{c['d_model']}, {c['threads']} CPU threads.")
-    lines = [head, "", "| | dense | MoD |", "|---|---:|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+            f"{c['d_model']}, {c['threads']} CPU threads; causal thresholds calibrated on "
+            f"{c['calibrate_batches']} training batches.")
+    lines = [head, "", "| | dense | MoD, predictor | MoD, router aux loss |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b} | {c_} | {e} |" for a, b, c_, e in rows]
     return "\n".join(lines)
 
 
@@ -338,8 +415,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     mod_cfg = ModelConfig(
         vocab_size=corpus.vocab_size, block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, capacity_factor=args.capacity_factor, mod_every=args.mod_every,
-        causal_router=args.causal_router, aux_loss_weight=args.aux_loss_weight,
+        causal_router="predictor", aux_loss_weight=args.aux_loss_weight,
     )
+    router_cfg = dataclasses.replace(mod_cfg, causal_router="router")
     dense_cfg = dense_config(mod_cfg)
     val_gen = torch.Generator().manual_seed(args.seed + 1)
     val_batches = []
@@ -347,12 +425,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         w = get_batch(corpus.val, args.batch_size, args.seq_len, val_gen)  # (B, T+1)
         val_batches.append((w[:, :-1], w[:, 1:]))
 
-    fpt_dense = MoDTransformer(dense_cfg).flops_per_token(args.seq_len)
-    fpt_mod = MoDTransformer(mod_cfg).flops_per_token(args.seq_len)
+    with torch.device("meta"):  # shapes only: FLOPs per token without building the weights
+        fpt_dense, fpt_mod, fpt_router = (MoDTransformer(c).flops_per_token(args.seq_len)
+                                          for c in (dense_cfg, mod_cfg, router_cfg))
     mod_steps = args.steps if args.match == "steps" else max(1, round(args.steps * fpt_dense / fpt_mod))
+    router_steps = args.steps if args.match == "steps" else max(1, round(args.steps * fpt_dense / fpt_router))
     print(f"corpus: {corpus.name}: {corpus.train.numel():,} train / {corpus.val.numel():,} val tokens "
           f"({corpus.split}{': ' + ', '.join(corpus.val_works) if corpus.val_works else ''})")
-    print(f"dense: {args.steps} steps, MoD: {mod_steps} steps (matched {args.match}); "
+    print(f"dense: {args.steps} steps, MoD (predictor): {mod_steps} steps, MoD (router aux loss): {router_steps} "
+          f"steps (matched {args.match}); "
           f"{args.batch_size} x {args.seq_len} tokens per step, {args.threads} threads")
 
     t0 = time.perf_counter()
@@ -362,18 +443,36 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     mod = train("mod", mod_cfg, corpus, args, mod_steps, val_batches)
     timings["mod_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = mod["model"]
+    mod_router = train("mod-r", router_cfg, corpus, args, router_steps, val_batches)
+    timings["mod_router_aux_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
 
-    results = {"dense": dense["result"], "mod": mod["result"]}
-    results["mod"]["causal_val_loss"] = evaluate(model, val_batches, routing="causal")
-    results["mod"].update(predictor_metrics(model, val_batches))
+    results = {"dense": dense["result"], "mod": mod["result"], "mod_router_aux": mod_router["result"]}
+    cal_gen = torch.Generator().manual_seed(args.seed + 2)
+    cal_batches = [get_batch(corpus.train, args.batch_size, args.seq_len, cal_gen)[:, :-1]
+                   for _ in range(args.calibrate_batches)]
+    for key, trained in (("mod", mod), ("mod_router_aux", mod_router)):
+        m, r = trained["model"], results[key]
+        r["causal_rule"] = m.cfg.causal_router
+        router_thr = None
+        if cal_batches:
+            r["causal_thresholds"], router_thr = calibrate(m, cal_batches)
+        r["causal_val_loss"] = evaluate(m, val_batches, routing="causal")
+        r.update(causal_routing_metrics(m, val_batches, router_thr if m.cfg.causal_router == "predictor" else None))
+        for k in _QUALITY:
+            r[f"causal_{k}"] = r["causal_routing"][k]
+    main_key = "mod" if args.causal_router == "predictor" else "mod_router_aux"
+    model = (mod if main_key == "mod" else mod_router)["model"]
+    results[main_key]["sampled"] = True
 
     prompt = encode(PROMPT).long()[None]  # (1, T0)
-    sample_ids, results["mod"]["decode_tokens_per_s"], cache = timed_sample(model, prompt, args)
+    sample_ids, results[main_key]["decode_tokens_per_s"], cache = timed_sample(model, prompt, args)
     sample = decode(sample_ids[0].tolist())
     if cache is not None:  # per MoD layer: tokens of the sample that it routed / dropped
-        results["mod"]["sample_routed_per_layer"] = dict(zip(map(str, model.mod_layer_ids), cache.fill_counts()[:, 0].tolist()))
-        results["mod"]["sample_drops_per_layer"] = dict(zip(map(str, model.mod_layer_ids), cache.drops[:, 0].tolist()))
+        results[main_key]["sample_routed_per_layer"] = dict(zip(map(str, model.mod_layer_ids),
+                                                                cache.fill_counts()[:, 0].tolist()))
+        results[main_key]["sample_drops_per_layer"] = dict(zip(map(str, model.mod_layer_ids),
+                                                               cache.drops[:, 0].tolist()))
     dense_ids, results["dense"]["decode_tokens_per_s"], _ = timed_sample(dense["model"], prompt, args)
     results["dense"]["sample"] = decode(dense_ids[0].tolist())
 
@@ -384,7 +483,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     plot_routing(model, passage, out / "routing.png")
     # Both trained models, for sampling afterwards: mod_ext.train.load_model(out / "mod.pt")
     save_model(out / "dense.pt", dense["model"])
-    save_model(out / "mod.pt", model)
+    save_model(out / "mod.pt", mod["model"])
+    save_model(out / "mod_router_aux.pt", mod_router["model"])
 
     report = dict(
         config=dict(
@@ -399,8 +499,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             tokens_per_step=args.batch_size * args.seq_len,
             dense_steps=args.steps,
             mod_steps=mod_steps,
+            mod_router_aux_steps=router_steps,
             budget=("same training FLOPs" if args.match == "flops" else "same number of steps"),
             model_mod=dataclasses.asdict(mod_cfg),
+            model_mod_router_aux=dataclasses.asdict(router_cfg),
             model_dense=dataclasses.asdict(dense_cfg),
             optimizer="AdamW(betas=(0.9, 0.95), weight_decay=0.1 on matrices), warmup 10% + cosine to lr/10, "
                       "grad clip 1.0",
@@ -412,9 +514,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         ),
         dense=results["dense"],
         mod=results["mod"],
+        mod_router_aux=results["mod_router_aux"],
         sample=sample,
     )
-    timings["analysis_s"] = time.perf_counter() - t0  # causal eval, metrics, sample, plots
+    timings["analysis_s"] = time.perf_counter() - t0  # calibration, causal eval, metrics, sample, plots
     report["timings"] = timings
     report["load_avg_1min"] = dict(start=load_start, end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     report["total_wall_s"] = time.perf_counter() - t_start
@@ -423,9 +526,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     (out / "summary.md").write_text(table + "\n")
     print()
     print(table)
-    print(f"\nsample (MoD, causal routing):\n{sample}\n")
+    print(f"\nsample (MoD with the {args.causal_router}, causal routing):\n{sample}\n")
     print(f"wrote {out / 'report.json'}, {out / 'loss_curves.png'}, {out / 'routing.png'}, "
-          f"{out / 'dense.pt'}, {out / 'mod.pt'} "
+          f"{out / 'dense.pt'}, {out / 'mod.pt'}, {out / 'mod_router_aux.pt'} "
           f"({report['total_wall_s']:.0f} s)")
     return report
 
