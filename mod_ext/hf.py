@@ -959,7 +959,8 @@ def from_pretrained(path, **kwargs):
                                                 "aux_loss_weight", "predictor_hidden") if k in settings})
     wanted = {k for k in model.state_dict() if ".mod." in k}
     state = _read_weights(path, wanted)
-    missing = sorted(wanted - set(state))
+    # causal_threshold (calibration) came later: checkpoints saved before it lack it (then 0)
+    missing = sorted(k for k in wanted - set(state) if not k.endswith(".causal_threshold"))
     if missing:
         raise ValueError(f"mod_ext.hf.from_pretrained: {path} lacks MoD weights {missing[:4]}...")
     model.load_state_dict(state, strict=False)

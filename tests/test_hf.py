@@ -996,6 +996,25 @@ def test_save_load_round_trip(model_type, settings, tmp_path):
     assert torch.equal(a.sequences, b.sequences)
 
 
+def test_causal_threshold_saved_and_old_checkpoints_load(tmp_path):
+    """The calibrated causal threshold travels with save_pretrained; a checkpoint saved
+    before it existed (no causal_threshold tensors) loads with threshold 0."""
+    from safetensors.torch import load_file, save_file
+
+    model = converted("llama", "sdpa", router_seed=36, weight_std=0.3, capacity_factor=0.25)
+    mods = [layer.mod for _, layer in mod_layers(model)]
+    mods[0].causal_threshold.fill_(0.125)
+    model.save_pretrained(tmp_path)
+    assert float(mod_layers(H.from_pretrained(tmp_path))[0][1].mod.causal_threshold) == 0.125
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    assert any(k.endswith(".causal_threshold") for k in state)
+    save_file({k: v for k, v in state.items() if not k.endswith(".causal_threshold")}, path,
+              metadata={"format": "pt"})
+    old = H.from_pretrained(tmp_path)
+    assert all(float(layer.mod.causal_threshold) == 0.0 for _, layer in mod_layers(old))
+
+
 def test_from_pretrained_rejects_unconverted_checkpoint(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="mod_ext"):
