@@ -42,8 +42,20 @@ What is computed where (so that splitting the batch changes nothing):
   (torchtitan's split). Master weights and optimizer state stay float32.
   ``--dtype float64`` trains in float64 (for checking).
 
+* **Causal routing** is scored after training: the causal thresholds are first
+  calibrated on ``--calibrate-batches`` training batches (every rank the same whole
+  batches, so the same thresholds), then ``causal_routing`` in metrics.json compares the
+  decisions with top-k (:func:`mod_ext.routing_metrics`) per layer, beside threshold 0
+  and, for a predictor model, the router logits at their own calibrated threshold.
+* **Router health** (:class:`mod_ext.RouterHealth`) accumulates on the device every
+  micro-batch and is read once per ``--log-every`` steps (``health`` in metrics.json);
+  NaN/inf in router logits or hidden states stops every rank with an error naming the
+  MoD layer. The predictors' gradients are clipped apart from the language model's, so a
+  predictor can never scale the model's update.
+
 Writes to ``--out`` (default runs/train): ``metrics.json`` (every step's loss, LM and aux
-loss, gradient norm, learning rate, step time; evaluations), ``loss.png``,
+loss, gradient norms, learning rate, step time; evaluations; router health; causal
+routing), ``loss.png``,
 ``checkpoints/step_XXXXXXXX/`` (DCP) and ``model.pt`` (the final model,
 :func:`load_model`). Progress (tqdm) and logs on rank 0 only.
 """

@@ -216,6 +216,9 @@ def misc(tmp_path_factory) -> Path:
         job(FLOAT64 + ["--resume", str(ck)], "fsdp2", root / "ddp_stop3_fsdp2"),
         job(FLOAT64 + ["--resume", str(ck), "--lr", "1e-3"], "ddp", root / "changed_lr", expect_exit=True),
         job(BAD_BATCH + ["--resume"], "ddp", root / "bad_batch", expect_exit=True),
+        # rank 1's router goes NaN: both ranks stop at the next logging interval
+        job(["--log-every", "2", "--eval-batches", "0"], "ddp", root / "nan_rank1", patches=("nan_router_rank1",),
+            expect_exit=True),
         # last: a DDP run with an unused parameter (the predictor, not frozen at aux weight 0) must raise
         job(AUX0, "ddp", root / "unused", patches=("no_freeze",), expect_error="finished reduction"),
     ]
@@ -381,6 +384,21 @@ def test_resume_refusals_name_the_option(misc):
         assert "--batch-size 2" in msg and "--grad-accum 2" in msg and "2 processes" in msg, msg
         msg = (misc / "changed_lr" / f"exit_rank{r}.txt").read_text()
         assert "--lr" in msg and "another configuration" in msg, msg
+
+
+def test_nan_router_on_one_rank_stops_every_rank(misc):
+    """A NaN router on rank 1 only: rank 1's error names the MoD layer; rank 0 stops too
+    (no hang at the next collective), naming the layer itself (DDP's gradient all-reduce
+    has spread the NaN into its parameters by then) or pointing at the other process."""
+    msg1 = (misc / "nan_rank1" / "exit_rank1.txt").read_text()
+    assert "MoD layer 1" in msg1 and "router logits are NaN/inf" in msg1, msg1
+    msg0 = (misc / "nan_rank1" / "exit_rank0.txt").read_text()
+    assert "MoD layer 1: " in msg0 or "another process found NaN/inf" in msg0, msg0
+    assert len(metrics_or_none(misc / "nan_rank1")) == 0  # stopped before writing metrics.json
+
+
+def metrics_or_none(out: Path) -> list:
+    return [out / "metrics.json"] if (out / "metrics.json").exists() else []
 
 
 @pytest.fixture(scope="module")

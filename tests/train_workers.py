@@ -23,6 +23,8 @@ Patches (emulations of failures the installed PyTorch does not have):
 * ``"no_freeze"``: ``mod_ext.train.frozen_parameters`` freezes nothing.
 * ``"crash_save_step4_rank1"``: ``torch.distributed.checkpoint.save`` raises on rank 1
   when saving the step-4 checkpoint.
+* ``"nan_router_rank1"``: on rank 1 only, the router logits (``mod_ext.layer._router_logits``)
+  are NaN from the third call on (a router gone NaN on one process).
 """
 
 from __future__ import annotations
@@ -81,16 +83,19 @@ def _out_of(argv: Sequence[str]) -> Path:
 def _patched(names: Sequence[str], rank: int, probe_log: List[bool]):
     import torch.distributed.checkpoint as dcp
 
+    import mod_ext.layer as L
     import mod_ext.train as T
 
-    unknown = set(names) - {"gloo_avg_bug", "no_workaround", "no_freeze", "crash_save_step4_rank1"}
+    unknown = set(names) - {"gloo_avg_bug", "no_workaround", "no_freeze", "crash_save_step4_rank1",
+                            "nan_router_rank1"}
     if unknown:
         raise ValueError(f"unknown patches {sorted(unknown)}")
     saved = [(dist, "reduce_scatter_single", dist.reduce_scatter_single),
              (T, "gloo_avg_is_broken", T.gloo_avg_is_broken),
              (T, "frozen_parameters", T.frozen_parameters),
-             (dcp, "save", dcp.save)]
-    real_rs, real_probe, _, real_save = (s[2] for s in saved)
+             (dcp, "save", dcp.save),
+             (L, "_router_logits", L._router_logits)]
+    real_rs, real_probe, _, real_save, real_logits = (s[2] for s in saved)
 
     if "gloo_avg_bug" in names:
         def reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
@@ -116,6 +121,15 @@ def _patched(names: Sequence[str], rank: int, probe_log: List[bool]):
             return real_save(state_dict, *a, checkpoint_id=checkpoint_id, **kw)
 
         dcp.save = save
+    if "nan_router_rank1" in names and rank == 1:
+        calls = [0]
+
+        def router_logits(x, w, b=None):
+            calls[0] += 1
+            z = real_logits(x, w, b)
+            return z * float("nan") if calls[0] > 2 else z
+
+        L._router_logits = router_logits
     try:
         yield
     finally:
