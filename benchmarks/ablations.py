@@ -85,6 +85,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.add_argument(f"--{key.replace('_', '-')}", type=type(FULL[key]), default=None,
                        help=f"(default {FULL[key]}, --quick {QUICK[key]})")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -291,7 +292,7 @@ def cpu_name() -> str:
 def write_outputs(args, rows: List[Dict], wall_s: Optional[float]) -> str:
     by = aggregate(rows)
     args.docs.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/ablations.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python benchmarks/ablations.py"] + [a for a in args.argv if a != "--report"])
     setting = (f"d_model {args.d_model}, {args.n_layer} layers, {args.n_head} heads, {args.batch_size} x "
                f"{args.seq_len} tokens per step, lr {args.lr}, every run at the dense model's training FLOPs for "
                f"{args.dense_steps} steps ({budget(args):.3g} FLOPs), seeds {', '.join(map(str, args.seeds))}, "

@@ -459,7 +459,8 @@ def router_aux_loss(router_logits: Tensor, indices: Tensor, valid: Optional[Tens
 
     Mean binary cross-entropy with logits between ``router_logits`` and the per-row
     top-k membership targets (1 at ``indices``, 0 elsewhere), over valid tokens. At
-    sampling time a token is then routed when its logit > 0. Also the predictor's loss
+    sampling time a token is then routed when its logit is above the layer's causal
+    threshold (0, or calibrated: :meth:`MoDBlock.calibrate_causal_threshold`). Also the predictor's loss
     (pass the predictor logits as ``router_logits``).
 
     Args:
@@ -530,6 +531,10 @@ def routing_metrics(
         ValueError: shapes or dtypes that do not match (the message names the argument).
     """
     _check_targets("mod_ext.routing_metrics", "scores", scores, indices, valid)
+    S = scores.shape[1]
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)) or (
+            isinstance(capacity, int) and not 1 <= capacity <= S):
+        raise ValueError(f"mod_ext.routing_metrics: capacity must be an int in [1, S = {S}], got {capacity!r}")
     targets = topk_targets(scores.float(), indices) > 0.5
     if valid is not None:
         targets = targets & valid
@@ -552,7 +557,7 @@ class MoDPredictor(nn.Module):
     Reads the router's input with a stop-gradient, so training it never changes the
     language-model loss. ``forward(x (B, S, D)) -> logits (B, S)`` float32 (float64
     for float64 x, so its BCE is float64-exact there); a token is routed at sampling
-    time when its logit, rounded to float32, is > 0.
+    time when its logit, rounded to float32, is above the layer's ``causal_threshold``.
     """
 
     def __init__(self, d_model: int, hidden: Optional[int] = None):
@@ -586,8 +591,9 @@ class MoDBlock(nn.Module):
         ``capacity_for(S, c)``); the call returns the aux loss that trains causal
         routing (the predictor's BCE, or the router's auxiliary BCE when
         ``causal_router="router"``), for the training loop to add to its loss.
-      * ``"causal"`` (sampling): routes token by token by predictor logit > 0 (or
-        router logit > 0), first come first served, at most the causal capacity ``K =
+      * ``"causal"`` (sampling): routes token by token by predictor logit (or router
+        logit) above ``causal_threshold`` (0 until calibrated:
+        :meth:`calibrate_causal_threshold`), first come first served, at most the causal capacity ``K =
         capacity_for(max_seq_len, capacity_factor)`` tokens per row (all tokens of
         shorter inputs may route), so a token's decision never depends on later tokens
         or on the input length.
@@ -652,9 +658,20 @@ class MoDBlock(nn.Module):
             raise ValueError(f"MoDBlock: random_routing must be True or False, got {random_routing!r}")
         self.random_routing = random_routing
         # Causal routing routes a token when its causal logit > causal_threshold (0 until
-        # calibrated: calibrate_causal_threshold). A buffer, so state dicts carry it.
+        # calibrated: calibrate_causal_threshold). A buffer, so state dicts carry it;
+        # always float32 (see _apply), the precision routing decisions are made in.
         self.register_buffer("causal_threshold", torch.zeros(1))
         self.routing = "topk"
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() must not round the threshold: keep it float32
+        before = self.causal_threshold
+        super()._apply(fn, recurse)
+        after = self.causal_threshold
+        if after.is_floating_point() and after.dtype != torch.float32:
+            self.causal_threshold = (before if before.dtype == torch.float32 else after).to(
+                device=after.device, dtype=torch.float32)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the bias became (1,) hold a 0-d router_bias.
@@ -748,7 +765,7 @@ class MoDBlock(nn.Module):
             rate: the fraction to route, in (0, 1]; default ``min(1, capacity_factor)``.
 
         Returns:
-            The threshold (a float; also stored in the buffer).
+            The threshold as stored in the buffer (float32), as a float.
 
         Raises:
             ValueError: logits not (B, S) floating point, a valid mask of another shape,
@@ -757,7 +774,7 @@ class MoDBlock(nn.Module):
         thr = calibrated_threshold(logits, min(1.0, float(self.capacity_factor)) if rate is None else rate, valid,
                                    where="MoDBlock.calibrate_causal_threshold")
         self.causal_threshold.fill_(thr)
-        return thr
+        return float(self.causal_threshold)
 
     def _check_x(self, x: Tensor, where: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:

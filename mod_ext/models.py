@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .kv_cache import KVRead, KVWrite
 from ._args import as_int, is_real
-from .layer import ROUTER_ACTIVATIONS, MoDBlock, MoDBlockOutput, capacity_for
+from .layer import ROUTER_ACTIVATIONS, MoDBlock, MoDBlockOutput, calibrated_threshold, capacity_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .generation import MoDKVCache
@@ -367,8 +367,8 @@ class MoDTransformer(nn.Module):
             idx: (B, T) int64 token ids in [0, vocab_size), T <= block_size.
             targets: optional (B, T) int64 next-token ids (-100 = ignored, e.g. padding).
             routing: "topk" (expert-choice, training; uses future tokens within the
-                sequence) or "causal" (predictor/router logit > 0, first come first
-                served; for sampling).
+                sequence) or "causal" (predictor/router logit above the layer's
+                ``causal_threshold``, first come first served; for sampling).
             valid: optional (B, T) bool, False for padding tokens: they are never
                 attended to or routed, and each row's true positions count only its
                 valid tokens (so left-padded prompts get positions 0, 1, ...).
@@ -451,7 +451,8 @@ class MoDTransformer(nn.Module):
         Runs one forward in topk mode and returns, per MoD layer, a dict with
         ``layer`` (depth index), ``indices`` (B, C) int64, ``slot_mask`` (B, C) bool,
         ``router_logits`` (B, S) float32, ``causal_scores`` (B, S) float32 (predictor
-        or router logits, > 0 routes in causal mode) and ``causal_capacity`` (int).
+        or router logits minus the layer's causal threshold: > 0 routes in causal mode)
+        and ``causal_capacity`` (int).
         """
         outs = self(idx, routing="topk", return_routing=True).mod_layer_outputs
         return [
@@ -467,51 +468,64 @@ class MoDTransformer(nn.Module):
 
         Runs each batch in top-k mode and sets each layer's ``causal_threshold`` so that
         a fraction ``rate`` (default its capacity factor) of the valid tokens' causal
-        logits exceed it (:meth:`mod_ext.MoDBlock.calibrate_causal_threshold`). The
-        language model is unchanged: only which tokens causal routing picks moves.
+        logits exceed it (:func:`mod_ext.calibrated_threshold`). The language model is
+        unchanged: only which tokens causal routing picks moves. Causal routing then
+        routes about that fraction before its capacity cap, and a little less after it
+        (a row whose tokens want more than the causal capacity drops the rest).
 
         Args:
             batches: an iterable of (B, T) int64 token ids, or of ``(idx, valid)`` pairs
-                with a (B, T) bool valid mask (or None).
-            rate: the fraction of tokens to route causally (default: capacity factor).
+                with a (B, T) bool valid mask (or None); B and T may differ per batch.
+            rate: the fraction of tokens to route causally, in (0, 1] (default: each
+                layer's capacity factor).
 
         Returns:
-            The thresholds, one per MoD layer in depth order (empty for a dense model).
+            The thresholds, one per MoD layer in depth order (``[]`` for a dense model,
+            whose batches are not run).
 
         Raises:
-            ValueError: no batches; bad idx/valid (as :meth:`forward`); non-finite logits.
+            ValueError: rate outside (0, 1]; no batches; a batch that is neither idx nor
+                an (idx, valid) pair; bad idx/valid (as :meth:`forward`); no valid token;
+                non-finite logits. The thresholds are then left as they were.
         """
         mods = self.mod_layers
+        where = "MoDTransformer.calibrate_causal_routing"
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1):
+            raise ValueError(f"{where}: rate must be a number in (0, 1], got {rate!r}")
         if not mods:
             return []
-        logits: List[List[Tensor]] = [[] for _ in mods]
-        masks: List[Optional[Tensor]] = []
+        logits: List[List[Tensor]] = [[] for _ in mods]  # per layer: 1-D valid logits of each batch
         was_training, old = self.training, [m.causal_threshold.clone() for m in mods]
         self.eval()
         try:
             for m in mods:  # causal_scores are then the raw causal logits, bit for bit
                 m.causal_threshold.zero_()
             for batch in batches:
-                idx, valid = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                if isinstance(batch, (tuple, list)):
+                    if len(batch) != 2:
+                        raise ValueError(f"{where}: a batch must be idx (B, T) or a pair (idx, valid), "
+                                         f"got a {type(batch).__name__} of {len(batch)} items")
+                    idx, valid = batch
+                else:
+                    idx, valid = batch, None
                 outs = self(idx, routing="topk", valid=valid, return_routing=True).mod_layer_outputs
                 for i, o in enumerate(outs):
-                    logits[i].append(o.causal_scores.float().cpu())
-                masks.append(None if valid is None else valid.cpu())
+                    z = o.causal_scores.float()
+                    logits[i].append((z.flatten() if valid is None else z[valid]).cpu())
+            if not logits[0]:
+                raise ValueError(f"{where}: batches is empty")
+            thresholds = [calibrated_threshold(torch.cat(z)[None], min(1.0, float(m.capacity_factor))
+                                               if rate is None else rate, where=where)
+                          for m, z in zip(mods, logits)]
         except BaseException:
             for m, t in zip(mods, old):
                 m.causal_threshold.copy_(t)
             raise
         finally:
             self.train(was_training)
-        if not masks:
-            for m, t in zip(mods, old):
-                m.causal_threshold.copy_(t)
-            raise ValueError("MoDTransformer.calibrate_causal_routing: batches is empty")
-        valid = None
-        if any(v is not None for v in masks):
-            valid = torch.cat([torch.ones_like(z, dtype=torch.bool) if v is None else v
-                               for z, v in zip(logits[0], masks)])
-        return [m.calibrate_causal_threshold(torch.cat(z), valid, rate) for m, z in zip(mods, logits)]
+        for m, t in zip(mods, thresholds):
+            m.causal_threshold.fill_(t)
+        return [float(m.causal_threshold) for m in mods]
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Forward FLOPs per token at sequence length seq_len (default block_size), topk mode.

@@ -646,7 +646,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
     if env.is_main:
         train_state = dict(format=CHECKPOINT_FORMAT, step=step, world_size=env.world_size, dist=env.mode,
                            config=_run_config(args), mod_ext=__version__, torch=torch.__version__,
-                           steps_log=metrics["steps"], evals_log=metrics["evals"])
+                           steps_log=metrics["steps"], evals_log=metrics["evals"],
+                           health_log=metrics.get("health", []))
         (tmp / "train_state.json").write_text(json.dumps(train_state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -851,6 +852,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         state = load_checkpoint(path, model, opt, args, env)
         start = state["step"]
         metrics["steps"], metrics["evals"] = state["steps_log"], state["evals_log"]
+        metrics["health"] = state.get("health_log", [])
         metrics["resumed_from"] = dict(path=str(path), step=start, world_size=state["world_size"],
                                        dist=state["dist"])
         if env.is_main:
@@ -907,6 +909,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
         pending.clear()
 
     def record_eval(step: int):
+        _seed_random_routing(args, env, step, -1)
         metrics["evals"].append(dict(step=step, val_loss=evaluate(model, val_batches, "topk", args, env)))
 
     if start == 0 and args.eval_batches:
@@ -927,6 +930,7 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             group["lr"] = lr
         lm_total, aux_total = None, None
         for m in range(A):
+            _seed_random_routing(args, env, step, m)
             xs, ys, vs = (_rows(t, m, A, env.rank, W) for t in (x, y, valid))
             xs, ys = xs.to(env.device, non_blocking=True), ys.to(env.device, non_blocking=True)
             vs = None if vs is None else vs.to(env.device, non_blocking=True)
@@ -970,16 +974,19 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
             t_flush = time.perf_counter()  # CUDA step times: not the evaluation or the save
     bar.close()
 
-    if stop == args.steps and args.eval_batches:
-        record_eval(stop)
-        if not args.dense:
-            router_thr = None
-            if args.calibrate_batches:
-                cal = GlobalBatches(corpus.train, args.batch_size, args.seq_len, args.seed + 2, args.pad_fraction)
-                metrics["causal_thresholds"], router_thr = _calibrate(
-                    model, [cal(i) for i in range(args.calibrate_batches)], args, env)
-            metrics["causal_val_loss"] = evaluate(model, val_batches, "causal", args, env)
-            metrics.update(_routing_quality(model, val_batches, args, env, router_thr))
+    if stop == args.steps:
+        router_thr = None
+        if not args.dense and args.calibrate_batches:  # also without evaluations: model.pt carries it
+            _seed_random_routing(args, env, stop, -2)
+            cal = GlobalBatches(corpus.train, args.batch_size, args.seq_len, args.seed + 2, args.pad_fraction)
+            metrics["causal_thresholds"], router_thr = _calibrate(
+                model, [cal(i) for i in range(args.calibrate_batches)], args, env)
+        if args.eval_batches:
+            record_eval(stop)
+            if not args.dense:
+                _seed_random_routing(args, env, stop, -3)
+                metrics["causal_val_loss"] = evaluate(model, val_batches, "causal", args, env)
+                metrics.update(_routing_quality(model, val_batches, args, env, router_thr))
     save_checkpoint(out, stop, model, opt, args, env, metrics)
     if stop == args.steps:
         _save_model(out / "model.pt", model, env)
@@ -1008,6 +1015,15 @@ def _train(args, env: DistEnv, tqdm, load_corpus) -> Dict:
               + (f"; {tps:,.0f} tokens/s (median step {metrics['median_step_time_s'] * 1e3:.0f} ms)" if tps else "")
               + f"; wrote {out}", flush=True)
     return metrics
+
+
+def _seed_random_routing(args, env: DistEnv, *where: int) -> None:
+    """Random routing draws its scores from torch's global generator: seed it from (seed,
+    rank, where) so a resumed run draws what the uninterrupted one did and the ranks draw
+    different scores. The scores of a row still depend on the process layout (its rank
+    slice), so random-routing runs on N processes are not the one-process run."""
+    if args.random_routing:
+        torch.manual_seed(hash((args.seed, env.rank) + tuple(where)) % (2 ** 63))
 
 
 def _clip(params: List[nn.Parameter], max_norm: float) -> Tensor:

@@ -1585,3 +1585,43 @@ def test_aux_loss_ignores_nan_at_padding():
     clean = mod_ext.router_aux_loss(z, idx, v)
     z[0, 5] = float("nan")  # a padding token's logit
     assert_close(mod_ext.router_aux_loss(z, idx, v), clean, "padding NaN")
+
+
+def test_calibration_failures_leave_thresholds_alone_and_odd_batches():
+    cfg = ModelConfig(vocab_size=32, block_size=32, n_layer=2, n_head=2, d_model=16)
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg)
+    good = model.calibrate_causal_routing([torch.randint(0, 32, (2, 9)), torch.randint(0, 32, (3, 7))])  # T differs
+    layer = model.mod_layers[0]
+    assert float(layer.causal_threshold) == good[0] != 0.0
+    idx = torch.randint(0, 32, (2, 9))
+    for kwargs, batches, msg in ((dict(rate=1.5), [idx], "rate must be a number in"),
+                                 (dict(rate=True), [idx], "rate must be a number in"),
+                                 ({}, [(idx, torch.zeros(2, 9, dtype=torch.bool))], "no valid logits"),
+                                 ({}, [(idx,)], "a batch must be idx"),
+                                 ({}, [], "batches is empty")):
+        with pytest.raises(ValueError, match=msg):
+            model.calibrate_causal_routing(batches, **kwargs)
+        assert float(layer.causal_threshold) == good[0], msg
+    dense = MoDTransformer(ModelConfig(vocab_size=32, block_size=32, n_layer=2, n_head=2, d_model=16, mod_every=0))
+    assert dense.calibrate_causal_routing([idx]) == []
+
+
+def test_causal_threshold_stays_float32():
+    cfg = ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=16)
+    model = MoDTransformer(cfg)
+    model.mod_layers[0].causal_threshold.fill_(0.017357)
+    model.to(torch.bfloat16)
+    t = model.mod_layers[0].causal_threshold
+    assert t.dtype == torch.float32 and float(t) == pytest.approx(0.017357, rel=1e-7)
+    assert model.mod_layers[0].router_weight.dtype == torch.bfloat16
+    model.double()
+    assert model.mod_layers[0].causal_threshold.dtype == torch.float32
+
+
+def test_routing_metrics_bad_capacity():
+    s = torch.randn(2, 8)
+    idx = torch.tensor([[0, 1], [2, 3]])
+    for bad in (0, 9, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"routing_metrics: capacity must be an int in \[1, S = 8\]"):
+            mod_ext.routing_metrics(s, idx, bad)

@@ -843,3 +843,21 @@ def test_random_routing_run(tmp_path):
     run(tmp_path / "part", "--stop-at", "3", "--eval-batches", "0")
     with pytest.raises(SystemExit, match="--random-routing False in the checkpoint vs True now"):
         run(tmp_path / "part", "--resume", "--random-routing", "--eval-batches", "0")
+
+
+def test_calibrated_without_evaluations_and_random_routing_resumes_bit_exact(tmp_path):
+    """--eval-batches 0 still calibrates (model.pt carries the thresholds); a random-routing
+    run stopped and resumed equals the uninterrupted one (its random scores are seeded per
+    step), health history included."""
+    m = run(tmp_path / "noeval", "--eval-batches", "0")
+    assert m["causal_thresholds"] and any(t != 0 for t in m["causal_thresholds"])
+    model = train.load_model(tmp_path / "noeval" / "model.pt")
+    assert [float(x.causal_threshold) for x in model.mod_layers] == pytest.approx(m["causal_thresholds"])
+    full = run(tmp_path / "full", "--random-routing", "--log-every", "2")
+    run(tmp_path / "part", "--random-routing", "--log-every", "2", "--stop-at", "3")
+    resumed = run(tmp_path / "part", "--random-routing", "--log-every", "2", "--resume")
+    assert losses(resumed) == losses(full) and losses(resumed, "grad_norm") == losses(full, "grad_norm")
+    assert resumed["evals"] == full["evals"] and resumed["causal_thresholds"] == full["causal_thresholds"]
+    assert resumed["causal_routing"] == full["causal_routing"]
+    assert [h["steps"] for h in resumed["health"]] == [h["steps"] for h in full["health"]] == [[1, 2], [3, 3],
+                                                                                                 [4, 5], [6, 6]]
