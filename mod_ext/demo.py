@@ -50,7 +50,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .data import BatchSampler, Corpus, decode, encode, get_batch, load_corpus  # noqa: E402
-from .layer import calibrated_threshold, routing_metrics  # noqa: E402
+from .layer import routing_metrics  # noqa: E402
 from .generation import MoDKVCache  # noqa: E402
 from .health import RouterHealth  # noqa: E402
 from .models import ModelConfig, MoDTransformer, dense_config  # noqa: E402
@@ -234,21 +234,6 @@ def causal_routing_metrics(model: MoDTransformer, val_batches, router_thresholds
         result[f"causal_routing{r}"] = dict(
             {k: sum(p[k] for p in per_layer.values()) / len(per_layer) for k in _QUALITY}, per_layer=per_layer)
     return result
-
-
-@torch.no_grad()
-def calibrate(model: MoDTransformer, batches) -> Tuple[List[float], List[float]]:
-    """Calibrate the model's causal thresholds on training batches (idx (B, T) each);
-    also return the router logits' own calibrated thresholds (for the router rule)."""
-    thresholds = model.calibrate_causal_routing(batches)
-    model.eval()
-    logits = [[] for _ in model.mod_layers]
-    for x in batches:
-        for j, o in enumerate(model(x, return_routing=True).mod_layer_outputs):
-            logits[j].append(o.routing.router_logits)
-    model.train()
-    return thresholds, [calibrated_threshold(torch.cat(z), min(1.0, m.capacity_factor))
-                        for m, z in zip(model.mod_layers, logits)]
 
 
 def held_out_passage(corpus: Corpus, n_chars: int) -> torch.Tensor:
@@ -456,7 +441,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         r["causal_rule"] = m.cfg.causal_router
         router_thr = None
         if cal_batches:
-            r["causal_thresholds"], router_thr = calibrate(m, cal_batches)
+            # also the router logits' own thresholds (the router rule), from the same passes
+            r["causal_thresholds"], router_thr = m.calibrate_causal_routing(cal_batches, return_router_thresholds=True)
         r["causal_val_loss"] = evaluate(m, val_batches, routing="causal")
         r.update(causal_routing_metrics(m, val_batches, router_thr if m.cfg.causal_router == "predictor" else None))
         for k in _QUALITY:

@@ -463,7 +463,8 @@ class MoDTransformer(nn.Module):
         ]
 
     @torch.no_grad()
-    def calibrate_causal_routing(self, batches, rate: Optional[float] = None) -> List[float]:
+    def calibrate_causal_routing(self, batches, rate: Optional[float] = None, *,
+                                 return_router_thresholds: bool = False):
         """Calibrate every MoD layer's causal threshold on training text.
 
         Runs each batch in top-k mode and sets each layer's ``causal_threshold`` so that
@@ -478,10 +479,14 @@ class MoDTransformer(nn.Module):
                 with a (B, T) bool valid mask (or None); B and T may differ per batch.
             rate: the fraction of tokens to route causally, in (0, 1] (default: each
                 layer's capacity factor).
+            return_router_thresholds: also return, from the same forward passes, the
+                thresholds at which each layer's *router* logits route that fraction (the
+                router rule, to compare a predictor with); nothing is set from them.
 
         Returns:
             The thresholds, one per MoD layer in depth order (``[]`` for a dense model,
-            whose batches are not run).
+            whose batches are not run); with ``return_router_thresholds`` a pair
+            ``(thresholds, router_thresholds)``.
 
         Raises:
             ValueError: rate outside (0, 1]; no batches; a batch that is neither idx nor
@@ -493,8 +498,9 @@ class MoDTransformer(nn.Module):
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1):
             raise ValueError(f"{where}: rate must be a number in (0, 1], got {rate!r}")
         if not mods:
-            return []
+            return ([], []) if return_router_thresholds else []
         logits: List[List[Tensor]] = [[] for _ in mods]  # per layer: 1-D valid logits of each batch
+        router: List[List[Tensor]] = [[] for _ in mods]  # the same for the router logits
         was_training, old = self.training, [m.causal_threshold.clone() for m in mods]
         self.eval()
         try:
@@ -510,13 +516,17 @@ class MoDTransformer(nn.Module):
                     idx, valid = batch, None
                 outs = self(idx, routing="topk", valid=valid, return_routing=True).mod_layer_outputs
                 for i, o in enumerate(outs):
-                    z = o.causal_scores.float()
-                    logits[i].append((z.flatten() if valid is None else z[valid]).cpu())
+                    for store, z in ((logits, o.causal_scores), (router, o.routing.router_logits)):
+                        if store is router and not return_router_thresholds:
+                            continue
+                        z = z.float()
+                        store[i].append((z.flatten() if valid is None else z[valid]).cpu())
             if not logits[0]:
                 raise ValueError(f"{where}: batches is empty")
-            thresholds = [calibrated_threshold(torch.cat(z)[None], min(1.0, float(m.capacity_factor))
-                                               if rate is None else rate, where=where)
-                          for m, z in zip(mods, logits)]
+            rates = [min(1.0, float(m.capacity_factor)) if rate is None else rate for m in mods]
+            thresholds = [calibrated_threshold(torch.cat(z)[None], r, where=where) for r, z in zip(rates, logits)]
+            router_thresholds = ([calibrated_threshold(torch.cat(z)[None], r, where=where)
+                                  for r, z in zip(rates, router)] if return_router_thresholds else None)
         except BaseException:
             for m, t in zip(mods, old):
                 m.causal_threshold.copy_(t)
@@ -525,7 +535,8 @@ class MoDTransformer(nn.Module):
             self.train(was_training)
         for m, t in zip(mods, thresholds):
             m.causal_threshold.fill_(t)
-        return [float(m.causal_threshold) for m in mods]
+        stored = [float(m.causal_threshold) for m in mods]
+        return (stored, router_thresholds) if return_router_thresholds else stored
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Forward FLOPs per token at sequence length seq_len (default block_size), topk mode.

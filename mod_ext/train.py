@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .health import RouterHealth, RouterHealthError
-from .layer import MoDBlock, calibrated_threshold, routing_metrics
+from .layer import MoDBlock, routing_metrics
 from .models import ModelConfig, MoDTransformer
 
 __all__ = [
@@ -1057,22 +1057,11 @@ def _health_report(health: RouterHealth, env: DistEnv) -> Dict:
 def _calibrate(model: nn.Module, batches, args, env: DistEnv) -> Tuple[List[float], List[float]]:
     """Calibrate the causal thresholds on whole global training batches (every rank the
     same rows, so every rank gets the same thresholds); also the thresholds at which the
-    router logits route the capacity (the router rule, reported beside the predictor)."""
-    raw = _raw(model)
+    router logits route the capacity (the router rule, reported beside the predictor),
+    from the same forward passes."""
     dev = [(x.to(env.device), None if v is None else v.to(env.device)) for x, _, v in batches]
     with _autocast(args, env), _eval_mode_warnings():
-        thresholds = raw.calibrate_causal_routing(dev)
-        router = [[] for _ in raw.mod_layers]
-        raw.eval()
-        for x, v in dev:
-            for i, o in enumerate(raw(x, routing="topk", valid=v, return_routing=True).mod_layer_outputs):
-                router[i].append((o.routing.router_logits.float(), v))
-        raw.train()
-    router_thr = []
-    for m, zs in zip(raw.mod_layers, router):
-        valid = None if zs[0][1] is None else torch.cat([v for _, v in zs])
-        router_thr.append(calibrated_threshold(torch.cat([z for z, _ in zs]), min(1.0, m.capacity_factor), valid))
-    return thresholds, router_thr
+        return _raw(model).calibrate_causal_routing(dev, return_router_thresholds=True)
 
 
 _QUALITY = ("accuracy", "recall", "precision", "routed_fraction")

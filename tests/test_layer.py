@@ -1605,6 +1605,17 @@ def test_calibration_failures_leave_thresholds_alone_and_odd_batches():
         assert float(layer.causal_threshold) == good[0], msg
     dense = MoDTransformer(ModelConfig(vocab_size=32, block_size=32, n_layer=2, n_head=2, d_model=16, mod_every=0))
     assert dense.calibrate_causal_routing([idx]) == []
+    assert dense.calibrate_causal_routing([idx], return_router_thresholds=True) == ([], [])
+    # the router logits' thresholds come from the same passes; oracle: their quantile
+    valid = torch.rand(2, 9, generator=gen(4)) > 0.3
+    thr, router_thr = model.calibrate_causal_routing([idx, (idx, valid)], rate=0.25, return_router_thresholds=True)
+    assert thr == [float(layer.causal_threshold)]
+    with torch.no_grad():
+        z = [model(idx, return_routing=True).mod_layer_outputs[0].routing.router_logits.flatten(),
+             model(idx, valid=valid, return_routing=True).mod_layer_outputs[0].routing.router_logits[valid]]
+    z = torch.cat(z)
+    assert router_thr == [mod_ext.calibrated_threshold(z[None], 0.25)]
+    assert int((z > router_thr[0]).sum()) == math.ceil(0.25 * z.numel())
 
 
 def test_causal_threshold_stays_float32():
