@@ -101,7 +101,7 @@ def budget(args) -> float:
     cfg = train.model_config(argparse.Namespace(
         seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
         capacity_factor=0.125, dense=True, mod_every=2, router_activation="sigmoid", causal_router="predictor",
-        aux_loss_weight=0.0, random_routing=False), vocab_size=256)
+        aux_loss_weight=0.0, random_routing=False, router_aux_grad_scale=0.3), vocab_size=256)
     with torch.device("meta"):
         fpt = MoDTransformer(cfg).flops_per_token(args.seq_len)
     # a hair above the exact budget so that floor() gives the dense model its --dense-steps

@@ -174,6 +174,11 @@ def default_decode_capacity(batch: int, capacity_factor: float) -> int:
     return min(batch, max(1, math.ceil(round(c * batch + 3 * math.sqrt(batch * c * (1 - c)), 9))))
 
 
+#: Learning-rate multiplier of the router aux loss's Platt parameters (MoDBlock.aux_log_scale,
+#: aux_offset), by reparametrisation: the logits use m * parameter.
+PLATT_LR_MULT = 20.0
+
+
 def _router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor] = None) -> Tensor:
     """Router logits ``x @ w_r (+ b)``, (B, S) in float32 (float64 for float64 x).
 
@@ -609,11 +614,22 @@ class MoDBlock(nn.Module):
         d_model: D (an int >= 1).
         capacity_factor: c (paper: 0.125).
         router_activation: "sigmoid", "scaled_sigmoid" or "identity" (see :func:`mod_block`).
-        causal_router: "predictor" or "router".
+        causal_router: "predictor" or "router". With "router" the aux BCE (and causal
+            routing) use the Platt-scaled router logits ``exp(m * aux_log_scale) * (z -
+            m * aux_offset)``, ``m = mod_ext.layer.PLATT_LR_MULT`` (20), two (1,)
+            parameters the aux loss learns (0 at init: the identity).
         max_seq_len: the longest input (an int >= 1); it fixes the causal capacity,
             and causal mode requires it (ValueError otherwise).
         predictor_hidden: predictor MLP width.
         block_returns_residual: see above.
+        random_routing: top-k over fresh uniform scores instead of the router logits
+            (the paper's baseline).
+        router_aux_grad_scale: with causal_router="router", the share of the aux BCE's
+            gradient that reaches the hidden states, in [0, 1] (default 0.3); the router
+            weight and the Platt parameters get all of it. 1 is the paper's aux loss; a
+            smaller share costs the language model less for the same recall
+            (benchmarks/RESULTS.md, "Router aux loss: Platt scaling and the hidden
+            states' share").
 
     Raises:
         ValueError: an argument out of range or an unknown option string.
@@ -631,6 +647,7 @@ class MoDBlock(nn.Module):
         predictor_hidden: Optional[int] = None,
         block_returns_residual: bool = False,
         random_routing: bool = False,
+        router_aux_grad_scale: float = 0.3,
     ):
         super().__init__()
         d_model = as_int(d_model, "d_model", 1, where="MoDBlock")
@@ -657,6 +674,22 @@ class MoDBlock(nn.Module):
         if not isinstance(random_routing, bool):
             raise ValueError(f"MoDBlock: random_routing must be True or False, got {random_routing!r}")
         self.random_routing = random_routing
+        g = router_aux_grad_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1:
+            raise ValueError(f"MoDBlock: router_aux_grad_scale must be a number in [0, 1], got {g!r}")
+        self.router_aux_grad_scale = float(g)
+        # causal_router="router": the aux BCE and causal routing use the Platt-scaled router
+        # logits exp(m * aux_log_scale) * (z - m * aux_offset), m = PLATT_LR_MULT, both
+        # learned by the aux loss alone (0 at init: the plain BCE on z). m makes Adam move
+        # them m times faster than the model's learning rate: at 1x they barely leave the
+        # identity in the demo's run, and recall rises with m (0.86 / 0.89 / 0.93 at 1 / 5 / 20). Measured in benchmarks/RESULTS.md
+        # ("Router aux loss: Platt scaling and the hidden states' share").
+        if causal_router == "router":
+            self.aux_log_scale = nn.Parameter(torch.zeros(1))
+            self.aux_offset = nn.Parameter(torch.zeros(1))
+        else:
+            self.register_parameter("aux_log_scale", None)
+            self.register_parameter("aux_offset", None)
         # Causal routing routes a token when its causal logit > causal_threshold (0 until
         # calibrated: calibrate_causal_threshold). A buffer, so state dicts carry it;
         # always float32 (see _apply), the precision routing decisions are made in.
@@ -681,6 +714,11 @@ class MoDBlock(nn.Module):
         # ... and no causal_threshold (then uncalibrated: 0).
         if prefix + "causal_threshold" not in state_dict and prefix + "router_weight" in state_dict:
             state_dict[prefix + "causal_threshold"] = torch.zeros_like(self.causal_threshold)
+        # ... and, for causal_router="router", no Platt scaling (then the identity: 0, 0).
+        if self.aux_log_scale is not None and prefix + "router_weight" in state_dict:
+            for name in ("aux_log_scale", "aux_offset"):
+                if prefix + name not in state_dict:
+                    state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
@@ -737,7 +775,13 @@ class MoDBlock(nn.Module):
         ``causal_router="router"`` (float32; float64 for float64 x)."""
         if self.predictor is not None:
             return self.predictor(x)
-        return _router_logits(x, self.router_weight, self.router_bias)
+        return self._platt(_router_logits(x, self.router_weight, self.router_bias))
+
+    def _platt(self, z: Tensor) -> Tensor:
+        """Platt-scaled router logits ``exp(m * aux_log_scale) * (z - m * aux_offset)``,
+        ``m = PLATT_LR_MULT`` (z's dtype)."""
+        m = PLATT_LR_MULT
+        return (z - m * self.aux_offset.to(z.dtype)) * (m * self.aux_log_scale.to(z.dtype)).exp()
 
     def causal_scores(self, x: Tensor) -> Tensor:
         """(B, S) causal scores of x (B, S, D): ``causal_logits(x) - causal_threshold``;
@@ -833,6 +877,14 @@ class MoDBlock(nn.Module):
         block_fn = self._block_fn(positions, block=self._block(block, "MoDBlock"))
         pred = self.predictor(x) if self.predictor is not None else None  # (B, S), x detached
         thr = self.causal_threshold.to(torch.float32)
+        z_aux = None
+        if mode == "topk" and pred is None and self.router_aux_grad_scale != 1 and torch.is_grad_enabled():
+            # The aux BCE's gradient reaches the router weight whole but the hidden states
+            # only scaled by router_aux_grad_scale: xa == x bit for bit (x - x.detach() is
+            # exactly 0), d xa / d x = scale. Computed before mod_block (inplace may write x).
+            g = self.router_aux_grad_scale
+            xa = x.detach() + g * (x - x.detach())
+            z_aux = _router_logits(xa, self.router_weight, self.router_bias)
         if mode == "topk":
             # Random routing (the paper's baseline): top-k over fresh uniform scores.
             rand = torch.rand(x.shape[:2], device=x.device) if self.random_routing else None
@@ -842,11 +894,11 @@ class MoDBlock(nn.Module):
                 router_activation=self.router_activation, routing="topk", scores=rand, inplace=inplace,
             )
             # Trains causal routing: the predictor (stop-gradient) or the router itself.
-            logits = pred if pred is not None else out.router_logits
+            logits = pred if pred is not None else self._platt(out.router_logits if z_aux is None else z_aux)
             aux = _aux_bce(logits, out.indices, valid)
             scores = logits.detach() - thr
         else:
-            logits = pred if pred is not None else _router_logits(x, self.router_weight, self.router_bias)
+            logits = pred if pred is not None else self._platt(_router_logits(x, self.router_weight, self.router_bias))
             scores = logits.detach() - thr
             out = mod_block(
                 x, self.router_weight, block_fn,

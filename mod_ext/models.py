@@ -66,6 +66,7 @@ class ModelConfig:
     predictor_hidden: Optional[int] = None  # predictor MLP width; None = max(16, d_model // 4)
     rope_base: float = 10000.0  # rotary frequency base, > 1
     random_routing: bool = False  # top-k over random scores, not the router's (the paper's baseline)
+    router_aux_grad_scale: float = 0.3  # causal_router="router": share of the aux BCE's gradient reaching the hidden states, in [0, 1]
 
     def __post_init__(self):
         # NumPy and other integer scalars are stored as Python ints (so configs compare,
@@ -82,6 +83,10 @@ class ModelConfig:
         w = self.aux_loss_weight
         if not is_real(w) or not math.isfinite(w) or w < 0:
             raise ValueError(f"ModelConfig: aux_loss_weight must be a finite number >= 0, got {w!r}")
+        g = self.router_aux_grad_scale
+        if not is_real(g) or not 0 <= g <= 1:
+            raise ValueError(f"ModelConfig: router_aux_grad_scale must be a number in [0, 1], got {g!r}")
+        self.router_aux_grad_scale = float(g)
         if not is_real(self.rope_base) or not math.isfinite(self.rope_base) or self.rope_base <= 1:
             raise ValueError(f"ModelConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
         if self.router_activation not in ROUTER_ACTIVATIONS:
@@ -313,7 +318,7 @@ class MoDTransformer(nn.Module):
                     block, cfg.d_model, capacity_factor=cfg.capacity_factor,
                     router_activation=cfg.router_activation, causal_router=cfg.causal_router,
                     max_seq_len=cfg.block_size, predictor_hidden=cfg.predictor_hidden,
-                    random_routing=cfg.random_routing,
+                    random_routing=cfg.random_routing, router_aux_grad_scale=cfg.router_aux_grad_scale,
                 )
             layers.append(block)
         self.layers = nn.ModuleList(layers)

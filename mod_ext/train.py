@@ -119,9 +119,11 @@ QUICK = dict(steps=6, batch_size=4, seq_len=64, d_model=32, n_layer=2, n_head=2,
 RESUME_FIXED = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "dense",
                 "capacity_factor", "mod_every", "causal_router", "router_activation", "aux_loss_weight",
                 "routing", "lr", "min_lr", "warmup", "schedule", "weight_decay", "grad_clip", "seed",
-                "pad_fraction", "dtype", "corpus_sha256", "random_routing")
+                "pad_fraction", "dtype", "corpus_sha256", "random_routing", "router_aux_grad_scale")
 #: options added after the first checkpoint format, with the value older checkpoints mean
-RESUME_DEFAULTS = {"random_routing": False}
+# (router_aux_grad_scale only matters with --causal-router router, whose older checkpoints
+# lack the Platt parameters and cannot resume anyway: predictor checkpoints still resume)
+RESUME_DEFAULTS = {"random_routing": False, "router_aux_grad_scale": 0.3}
 
 
 # --------------------------------------------------------------------------------------
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what routes causally when sampling, trained by the aux loss (default predictor)")
     g.add_argument("--router-activation", choices=["sigmoid", "scaled_sigmoid", "identity"], default="sigmoid")
     g.add_argument("--aux-loss-weight", type=float, default=0.1, help="weight of the MoD aux loss (default 0.1)")
+    g.add_argument("--router-aux-grad-scale", type=float, default=0.3,
+                   help="with --causal-router router: share of the aux loss's gradient that reaches the hidden "
+                        "states, in [0, 1] (default 0.3; 1 is the paper's aux loss)")
     g.add_argument("--random-routing", action="store_true",
                    help="top-k over random scores instead of the router's (the paper's random-routing baseline)")
     g.add_argument("--routing", choices=["topk", "causal"], default="topk",
@@ -288,6 +293,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         d_model=args.d_model, capacity_factor=args.capacity_factor, mod_every=0 if args.dense else args.mod_every,
         router_activation=args.router_activation, causal_router=args.causal_router,
         aux_loss_weight=args.aux_loss_weight, random_routing=args.random_routing,
+        router_aux_grad_scale=args.router_aux_grad_scale,
     )
 
 

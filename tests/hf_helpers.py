@@ -275,7 +275,11 @@ def routed_layer_oracle(model, index: int, x: Tensor, valid: Tensor, pos: Tensor
         routed = oracle_routed(z, valid, capacity(T, c))
     else:
         K = capacity(MAX_POS, c)
-        scores = oracle_predictor(mod, x) if st["causal_router"] == "predictor" else z
+        if st["causal_router"] == "predictor":
+            scores = oracle_predictor(mod, x)
+        else:  # the Platt-scaled router logits (identity at init)
+            from mod_ext.layer import PLATT_LR_MULT as m
+            scores = (z - m * mod.aux_offset.to(z.dtype)) * (m * mod.aux_log_scale.to(z.dtype)).exp()
         routed = oracle_routed(z, valid, min(T, K), "causal", scores)
     window = window_of(model, index)
     rows, cols, vals = [], [], []

@@ -1636,3 +1636,96 @@ def test_routing_metrics_bad_capacity():
     for bad in (0, 9, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"routing_metrics: capacity must be an int in \[1, S = 8\]"):
             mod_ext.routing_metrics(s, idx, bad)
+
+
+# ---------------------------------------------------------------- router aux loss: Platt scaling, gradient share
+
+def _platt_oracle(blk, x, indices, valid):
+    """Plain-PyTorch router aux loss: BCE of exp(s) * (x @ w + b - o) against top-k membership."""
+    z = x @ blk.router_weight + blk.router_bias
+    m = mod_ext.layer.PLATT_LR_MULT
+    logits = (z - m * blk.aux_offset) * (m * blk.aux_log_scale).exp()
+    tgt = torch.zeros_like(logits).scatter(1, indices, 1.0)
+    bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none")
+    return bce[valid].mean(), logits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("g", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("S", [7, 83])
+def test_router_aux_platt_and_hidden_state_share(device, g, S):
+    torch.manual_seed(S)
+    B, D = 2, 8
+    blk = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, causal_router="router",
+                           max_seq_len=S, router_aux_grad_scale=g).to(device).double()
+    with torch.no_grad():
+        m = mod_ext.layer.PLATT_LR_MULT
+        blk.aux_log_scale.fill_(math.log(2.5) / m)  # alpha = 2.5
+        blk.aux_offset.fill_(0.3 / m)  # beta = 0.3
+    x = torch.randn(B, S, D, device=device, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(B, S, dtype=torch.bool, device=device)
+    valid[1, S // 2:] = False
+    res = blk(x, valid=valid)
+    params = [blk.router_weight, blk.router_bias, blk.aux_log_scale, blk.aux_offset]
+    got = torch.autograd.grad(res.aux_loss, [x] + params)
+    x2 = x.detach().clone().requires_grad_(True)
+    exp, logits = _platt_oracle(blk, x2, res.routing.indices, valid)
+    want = torch.autograd.grad(exp, [x2] + params)
+    assert_close(res.aux_loss.detach(), exp.detach(), "aux loss vs Platt oracle")
+    # the hidden states get g of the aux gradient; the router and the Platt parameters all of it
+    assert_close(got[0], g * want[0], "aux gradient into x")
+    for name, a, b in zip(("router_weight", "router_bias", "aux_log_scale", "aux_offset"), got[1:], want[1:]):
+        assert_close(a, b, f"aux gradient into {name}")
+    # causal routing thresholds the same Platt-scaled logits (minus the calibrated threshold)
+    assert_close(res.causal_scores, logits.detach() - blk.causal_threshold.double(), "causal scores")
+    assert_close(blk.causal_logits(x).detach(), logits.detach(), "causal_logits")
+    # the forward output (and the LM gradient) does not depend on g
+    ref = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.25, causal_router="router",
+                           max_seq_len=S, router_aux_grad_scale=1.0).to(device).double()
+    ref.load_state_dict(blk.state_dict())
+    assert torch.equal(ref(x, valid=valid).output, res.output)
+
+
+def test_router_aux_platt_gradcheck():
+    torch.manual_seed(0)
+    B, S, D = 2, 9, 4
+    blk = mod_ext.MoDBlock(TokenwiseBlock(D), D, capacity_factor=0.3, causal_router="router",
+                           router_aux_grad_scale=1.0).double()
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, -2:] = False
+
+    def f(xx, s, o):
+        blk.aux_log_scale.data, blk.aux_offset.data = s.detach(), o.detach()
+        with torch.no_grad():
+            idx = blk(xx.detach(), valid=valid).routing.indices  # fixed top-k (not differentiable)
+        z = mod_ext.router_logits(xx, blk.router_weight, blk.router_bias)
+        m = mod_ext.layer.PLATT_LR_MULT
+        return mod_ext.router_aux_loss((z - m * o) * (m * s).exp(), idx, valid)
+
+    s = torch.tensor([0.04], dtype=torch.float64, requires_grad=True)
+    o = torch.tensor([0.02], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), s, o))
+    # and MoDBlock's own aux loss is that function
+    blk.aux_log_scale.data, blk.aux_offset.data = s.detach().clone(), o.detach().clone()
+    assert_close(blk(x, valid=valid).aux_loss.detach(), f(x, s, o).detach(), "MoDBlock aux vs function")
+
+
+def test_router_aux_platt_old_state_dict_and_options():
+    D = 8
+    blk = mod_ext.MoDBlock(TokenwiseBlock(D), D, causal_router="router")
+    assert float(blk.aux_log_scale.detach()) == 0 and float(blk.aux_offset.detach()) == 0  # identity at init
+    sd = {k: v for k, v in blk.state_dict().items() if not k.startswith("aux_")}
+    with torch.no_grad():
+        blk.aux_log_scale.fill_(1.0)
+        blk.aux_offset.fill_(1.0)
+    blk.load_state_dict(sd)  # a checkpoint from before Platt scaling: the identity
+    assert float(blk.aux_log_scale.detach()) == 0 and float(blk.aux_offset.detach()) == 0
+    pred = mod_ext.MoDBlock(TokenwiseBlock(D), D, causal_router="predictor")
+    assert pred.aux_log_scale is None and "aux_offset" not in pred.state_dict()
+    for bad in (-0.1, 1.5, True, "0.3", float("nan")):
+        with pytest.raises(ValueError, match="router_aux_grad_scale"):
+            mod_ext.MoDBlock(TokenwiseBlock(D), D, causal_router="router", router_aux_grad_scale=bad)
+        with pytest.raises(ValueError, match="router_aux_grad_scale"):
+            ModelConfig(router_aux_grad_scale=bad)
+    assert ModelConfig(router_aux_grad_scale=1).router_aux_grad_scale == 1.0
