@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import MoDLayerCache
-from ._args import as_int
+from ._args import as_int, as_real
 from .ops import gather_tokens, router_logits, scatter_add_weighted, scatter_add_weighted_, threshold_route, topk_route
 
 __all__ = [
@@ -177,6 +177,19 @@ def default_decode_capacity(batch: int, capacity_factor: float) -> int:
 #: Learning-rate multiplier of the router aux loss's Platt parameters (MoDBlock.aux_log_scale,
 #: aux_offset), by reparametrisation: the logits use m * parameter.
 PLATT_LR_MULT = 20.0
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity on x (a view); its backward multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
 
 
 def _router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor] = None) -> Tensor:
@@ -674,16 +687,15 @@ class MoDBlock(nn.Module):
         if not isinstance(random_routing, bool):
             raise ValueError(f"MoDBlock: random_routing must be True or False, got {random_routing!r}")
         self.random_routing = random_routing
-        g = router_aux_grad_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1:
-            raise ValueError(f"MoDBlock: router_aux_grad_scale must be a number in [0, 1], got {g!r}")
-        self.router_aux_grad_scale = float(g)
+        self.router_aux_grad_scale = as_real(router_aux_grad_scale, "router_aux_grad_scale", "MoDBlock",
+                                             low=0.0, high=1.0, what="a number in [0, 1]")
         # causal_router="router": the aux BCE and causal routing use the Platt-scaled router
         # logits exp(m * aux_log_scale) * (z - m * aux_offset), m = PLATT_LR_MULT, both
         # learned by the aux loss alone (0 at init: the plain BCE on z). m makes Adam move
         # them m times faster than the model's learning rate: at 1x they barely leave the
-        # identity in the demo's run, and recall rises with m (0.86 / 0.89 / 0.93 at 1 / 5 / 20). Measured in benchmarks/RESULTS.md
-        # ("Router aux loss: Platt scaling and the hidden states' share").
+        # identity in the demo's run, and recall rises with m (0.86 / 0.89 / 0.93 at
+        # 1 / 5 / 20; benchmarks/RESULTS.md, "Router aux loss: Platt scaling and the
+        # hidden states' share").
         if causal_router == "router":
             self.aux_log_scale = nn.Parameter(torch.zeros(1))
             self.aux_offset = nn.Parameter(torch.zeros(1))
@@ -880,11 +892,10 @@ class MoDBlock(nn.Module):
         z_aux = None
         if mode == "topk" and pred is None and self.router_aux_grad_scale != 1 and torch.is_grad_enabled():
             # The aux BCE's gradient reaches the router weight whole but the hidden states
-            # only scaled by router_aux_grad_scale: xa == x bit for bit (x - x.detach() is
-            # exactly 0), d xa / d x = scale. Computed before mod_block (inplace may write x).
-            g = self.router_aux_grad_scale
-            xa = x.detach() + g * (x - x.detach())
-            z_aux = _router_logits(xa, self.router_weight, self.router_bias)
+            # only scaled by router_aux_grad_scale (a view of x: no copy of the hidden
+            # state is kept for backward). Before mod_block: inplace may write x.
+            z_aux = _router_logits(_ScaleGrad.apply(x, self.router_aux_grad_scale), self.router_weight,
+                                   self.router_bias)
         if mode == "topk":
             # Random routing (the paper's baseline): top-k over fresh uniform scores.
             rand = torch.rand(x.shape[:2], device=x.device) if self.random_routing else None
@@ -898,7 +909,7 @@ class MoDBlock(nn.Module):
             aux = _aux_bce(logits, out.indices, valid)
             scores = logits.detach() - thr
         else:
-            logits = pred if pred is not None else self._platt(_router_logits(x, self.router_weight, self.router_bias))
+            logits = pred if pred is not None else self.causal_logits(x)
             scores = logits.detach() - thr
             out = mod_block(
                 x, self.router_weight, block_fn,

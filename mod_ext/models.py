@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import KVRead, KVWrite
-from ._args import as_int, is_real
+from ._args import as_int, as_real, is_real
 from .layer import ROUTER_ACTIVATIONS, MoDBlock, MoDBlockOutput, calibrated_threshold, capacity_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,10 +83,8 @@ class ModelConfig:
         w = self.aux_loss_weight
         if not is_real(w) or not math.isfinite(w) or w < 0:
             raise ValueError(f"ModelConfig: aux_loss_weight must be a finite number >= 0, got {w!r}")
-        g = self.router_aux_grad_scale
-        if not is_real(g) or not 0 <= g <= 1:
-            raise ValueError(f"ModelConfig: router_aux_grad_scale must be a number in [0, 1], got {g!r}")
-        self.router_aux_grad_scale = float(g)
+        self.router_aux_grad_scale = as_real(self.router_aux_grad_scale, "router_aux_grad_scale", "ModelConfig",
+                                             low=0.0, high=1.0, what="a number in [0, 1]")
         if not is_real(self.rope_base) or not math.isfinite(self.rope_base) or self.rope_base <= 1:
             raise ValueError(f"ModelConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
         if self.router_activation not in ROUTER_ACTIVATIONS:

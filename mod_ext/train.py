@@ -120,9 +120,9 @@ RESUME_FIXED = ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head"
                 "capacity_factor", "mod_every", "causal_router", "router_activation", "aux_loss_weight",
                 "routing", "lr", "min_lr", "warmup", "schedule", "weight_decay", "grad_clip", "seed",
                 "pad_fraction", "dtype", "corpus_sha256", "random_routing", "router_aux_grad_scale")
-#: options added after the first checkpoint format, with the value older checkpoints mean
 # (router_aux_grad_scale only matters with --causal-router router, whose older checkpoints
 # lack the Platt parameters and cannot resume anyway: predictor checkpoints still resume)
+#: options added after the first checkpoint format, with the value older checkpoints mean
 RESUME_DEFAULTS = {"random_routing": False, "router_aux_grad_scale": 0.3}
 
 
